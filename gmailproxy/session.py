@@ -1,0 +1,171 @@
+"""A client session: the pipeline from accept to pump, and the mapping of errors to replies.
+
+One greenlet per connection runs ``handle`` top to bottom:
+greeting -> dialogue (``proto.serve``) -> auth -> backend connect + login -> pump.
+"""
+import itertools
+import logging
+
+import gevent
+
+from . import auth_http, errors, log, proxy, upstream
+from .protocols import PROTOCOLS
+from .stream import CLIENT, LineStream
+
+_conn_ids = itertools.count(1)
+_log = logging.getLogger(__name__)
+
+
+class Session:
+    """Lasting per-connection state; parser state lives in the protocol's locals."""
+    __slots__ = ('sock', 'stream', 'peer', 'client_ip', 'local', 'listen', 'conf', 'proto',
+                 'conn_id', 'logger', 'action', 'tls', 'starttls_used',
+                 'login', 'passwd', 'auth_method', 'salt', 'tag', 'errors', 'login_attempt',
+                 'helo', 'esmtp', 'mail_from', 'rcpt_to', 'client_host',
+                 'upstream_name', 'upstream_sock', 'auth', 'proxy_info', 'extra')
+
+    def __init__(self, sock, peer, local, listen):
+        conf = listen.server
+        self.sock = sock
+        self.peer = peer
+        self.local = local
+        self.client_ip = peer_ip(peer)
+        self.listen = listen
+        self.conf = conf
+        self.proto = PROTOCOLS[conf.protocol]
+        self.conn_id = next(_conn_ids)
+        self.logger = conf.logger
+        self.action = 'sending client greeting line'
+        self.tls = False
+        self.starttls_used = False
+        self.login = self.passwd = self.salt = self.tag = None
+        self.auth_method = 'plain'
+        self.errors = self.login_attempt = 0
+        self.helo = self.mail_from = self.rcpt_to = None
+        self.esmtp = False
+        self.client_host = None
+        self.upstream_name = None
+        self.upstream_sock = None
+        self.auth = None
+        self.proxy_info = None
+        self.extra = None
+        self.stream = LineStream(sock, self.proto.client_buffer(conf), CLIENT)
+
+    def __repr__(self) -> str:
+        return '<Session *%d %s login=%r passwd=...>' % (self.conn_id, self.client_ip,
+                                                         self.login)
+
+    def info(self, msg: str) -> None:
+        log.session_line(self, log.INFO, msg)
+
+    def error(self, msg: str) -> None:
+        log.session_line(self, log.ERROR, msg)
+
+    def send(self, data: bytes) -> None:
+        self.stream.send(data)
+
+    def ask(self, challenge: bytes) -> bytes:
+        """Send a continuation/challenge and read the client's one-line answer."""
+        self.stream.send(challenge)
+        return self.stream.read_line()
+
+    def invalid(self, exc: errors.BadCommand) -> None:
+        """Count an invalid command against ``max_errors`` (common.md section 3)."""
+        if exc.message:
+            self.info(exc.message)
+        self.errors += 1
+        if self.errors >= self.conf.max_errors:
+            self.info('client sent too many invalid commands')
+            self.send(self.proto.reply(self, 'invalid'))
+            raise errors.TooManyErrors()
+        self.send(self.proto.reply(self, 'invalid'))
+
+
+def peer_ip(peer) -> str:
+    if isinstance(peer, tuple):
+        return peer[0]
+    return 'unix:'
+
+
+def peer_text(peer) -> str:
+    if isinstance(peer, tuple):
+        if ':' in peer[0]:
+            return '[%s]:%d' % (peer[0], peer[1])
+        return '%s:%d' % (peer[0], peer[1])
+    return 'unix:'
+
+
+def handle(sock, peer, listen) -> None:
+    """The StreamServer handler; returning closes the client socket."""
+    try:
+        local = sock.getsockname()
+    except OSError:
+        return
+    s = Session(sock, peer, local, listen)
+    if s.logger.isEnabledFor(log.INFO):
+        s.logger.info('*%d client %s connected to %s', s.conn_id, peer_text(peer),
+                      listen.addr_text)
+    try:
+        run(s)
+    except errors.ProxyError as exc:
+        fail(s, exc)
+    except gevent.GreenletExit:
+        raise
+    except Exception:
+        log.session_line(s, log.ALERT, 'internal error', exc_info=True)
+        _try_send(s, s.proto.reply(s, 'internal'))
+    finally:
+        if s.upstream_sock is not None:
+            s.upstream_sock.close()
+
+
+def run(s: Session) -> None:
+    proto = s.proto
+    proto.start(s)                    # greeting (TLS and PROXY header come first later)
+    authenticate(s)
+    with gevent.Timeout(s.conf.timeout, errors.UpstreamTimeout):
+        up = upstream.connect(s)
+        proto.login_upstream(s, up)
+    s.action = None
+    s.info('client logged in')
+    proxy.pump(s, up)
+
+
+def authenticate(s: Session) -> None:
+    """The dialogue and auth_http, repeated after an ``Auth-Wait`` rejection."""
+    proto = s.proto
+    timeout = s.conf.timeout
+    while True:
+        s.action = 'in auth state'
+        with gevent.Timeout(timeout, errors.ClientTimeout):
+            proto.serve(s)
+        s.action = 'in http auth state'
+        s.login_attempt += 1
+        try:
+            s.auth = auth_http.authenticate(s)
+            return
+        except errors.AuthFailed as exc:
+            s.info('client login failed: "%s"' % exc.message)
+            if not exc.wait:
+                s.send(proto.auth_failed_reply(s, exc))
+                raise errors.SessionDone()
+            gevent.sleep(exc.wait)
+            s.send(proto.auth_failed_reply(s, exc))
+            proto.reset(s)
+
+
+def fail(s: Session, exc: errors.ProxyError) -> None:
+    if exc.message and exc.level > logging.DEBUG:
+        log.session_line(s, exc.level, exc.message)
+    if isinstance(exc, errors.UpstreamRejected) and s.conf.proxy_pass_error_message:
+        _try_send(s, exc.response)
+    elif exc.reply is not None:
+        _try_send(s, s.proto.reply(s, exc.reply))
+
+
+def _try_send(s: Session, data: bytes) -> None:
+    try:
+        with gevent.Timeout(s.conf.timeout, errors.ClientTimeout):
+            s.sock.sendall(data)
+    except (OSError, errors.ProxyError):
+        pass

@@ -1,0 +1,91 @@
+"""LineStream: bounded line reads and whole sends on one socket, errors mapped to ours.
+
+Reads never exceed ``limit`` bytes of unconsumed input (nginx's client buffer): a line
+that does not fit raises ``too_long``. Deadlines are the caller's ``gevent.Timeout``.
+"""
+import errno
+import os
+
+from . import errors
+
+
+def os_error_text(call: str, exc: OSError) -> str:
+    """``recv() failed (104: Connection reset by peer)``, as nginx logs socket errors."""
+    code = exc.errno or 0
+    return '%s() failed (%d: %s)' % (call, code, os.strerror(code) if code else exc)
+
+
+class Side:
+    """How a stream's failures are reported: the client side or the backend side."""
+    __slots__ = ('closed', 'error', 'too_long')
+
+    def __init__(self, closed, error, too_long):
+        self.closed, self.error, self.too_long = closed, error, too_long
+
+
+CLIENT = Side(lambda: errors.ClientClosed('client closed connection'),
+              errors.ClientError,
+              lambda data: errors.TooLong('client sent too long command "%s"' % data))
+UPSTREAM = Side(lambda: errors.UpstreamError('upstream prematurely closed connection'),
+                errors.UpstreamError,
+                lambda data: errors.UpstreamError('upstream sent too long response line: "%s"'
+                                                  % data))
+
+
+class LineStream:
+    __slots__ = ('sock', 'buf', 'limit', 'side')
+
+    def __init__(self, sock, limit: int, side: Side = CLIENT):
+        self.sock = sock
+        self.buf = b''
+        self.limit = limit
+        self.side = side
+
+    def fill(self) -> None:
+        """Read once more; at most up to ``limit`` buffered bytes."""
+        room = self.limit - len(self.buf)
+        if room <= 0:
+            raise self.side.too_long(_shown(self.buf))
+        try:
+            data = self.sock.recv(room)
+        except OSError as exc:
+            raise self.side.error(os_error_text('recv', exc)) from None
+        if not data:
+            raise self.side.closed()
+        self.buf += data
+
+    def read_line(self) -> bytes:
+        """The next line including its LF (nginx: a bare LF ends a line too)."""
+        start = 0
+        while True:
+            end = self.buf.find(b'\n', start)
+            if end >= 0:
+                line, self.buf = self.buf[:end + 1], self.buf[end + 1:]
+                return line
+            start = len(self.buf)
+            self.fill()
+
+    def read_exact(self, size: int) -> bytes:
+        while len(self.buf) < size:
+            self.fill()
+        data, self.buf = self.buf[:size], self.buf[size:]
+        return data
+
+    def take_buffered(self) -> bytes:
+        """Everything read but not consumed (pipelined input, forwarded after login)."""
+        data, self.buf = self.buf, b''
+        return data
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise self.side.error(os_error_text('send', exc)) from None
+
+
+def _shown(data: bytes) -> str:
+    from .log import printable
+    return printable(data)
+
+
+IGNORED_ERRNOS = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF)
