@@ -251,7 +251,7 @@ def auth_login(s, initial) -> None:
     if initial is None:
         initial = _answer(s, b'+ VXNlcm5hbWU6\r\n')
     login = sasl.decode_login(initial)
-    passwd = sasl.decode_login(_answer(s, b'+ UGFzc3dvcmQ6\r\n'))
+    passwd = sasl.decode_login(_answer(s, b"+ UGFzc3dvcmQ6\r\n"), password=True)
     sasl.check_credentials(login, passwd)
     s.login, s.passwd = login, passwd
     s.auth_method = 'plain'
