@@ -11,6 +11,7 @@ import gevent
 import httptools
 
 from . import errors
+from . import ssl as tls
 from .config import values
 from .config.directives import D, MAIL_SERVER
 from .stream import os_error_text
@@ -73,8 +74,8 @@ def build_request(s, url) -> bytes:
         lines += [b'Auth-SMTP-Helo: ', s.helo or b'', b'\r\n',
                   b'Auth-SMTP-From: ', s.mail_from or b'', b'\r\n',
                   b'Auth-SMTP-To: ', s.rcpt_to or b'', b'\r\n']
-    if s.tls and s.extra is not None:
-        lines.append(s.extra.get('auth_ssl_headers', b''))
+    if s.tls:
+        lines.append(tls.auth_headers(s))
     for name, value in conf.auth_http_header:
         lines += [name.encode(), b': ', value.encode(), b'\r\n']
     lines.append(b'\r\n')
@@ -125,7 +126,7 @@ def interpret(s, url, headers) -> AuthResult | None:
     if wait_status:
         gevent.sleep(wait if wait > 0 else WAIT_WITHOUT_DELAY)
         return None
-    where = url.text
+    where = url.addr_text
     if not servers or not ports:
         raise errors.AuthServiceError('auth http server %s did not send server or port' % where)
     if login is not None:
@@ -186,7 +187,7 @@ def exchange(s, url, request: bytes):
     key = (url.family, url.sockaddr, url.tls)
     pool = _idle.setdefault(key, [])
     timed_out = errors.AuthServiceError('auth http server %s timed out (110: Connection timed out)'
-                                        % url.text)
+                                        % url.addr_text)
     with gevent.Timeout(s.conf.auth_http_timeout, timed_out):
         while pool:
             sock = pool.pop()
@@ -199,7 +200,7 @@ def exchange(s, url, request: bytes):
             return _roundtrip(url, sock, request, keepalive, pool, reused=False)
         except _Stale:
             raise errors.AuthServiceError('auth http server %s sent invalid response'
-                                          % url.text) from None
+                                          % url.addr_text) from None
 
 
 class _Stale(Exception):
@@ -213,7 +214,7 @@ def _connect(url):
     except OSError as exc:
         sock.close()
         raise errors.AuthServiceError('connect() to %s failed (%d: %s)'
-                                      % (url.text, exc.errno or 0, exc.strerror)) from None
+                                      % (url.addr_text, exc.errno or 0, exc.strerror)) from None
     if url.tls:
         sock = url.tls.wrap_socket(sock, server_hostname=url.server_hostname)
     return sock
@@ -231,22 +232,22 @@ def _roundtrip(url, sock, request, keepalive, pool, reused):
                 if received == 0 and reused:
                     raise _Stale()
                 raise errors.AuthServiceError('auth http server %s sent invalid response'
-                                              % url.text)
+                                              % url.addr_text)
             received += len(data)
             parser.feed_data(data)
             if not parsed.headers_done and received >= RESPONSE_LIMIT:
                 raise errors.AuthServiceError('auth http server %s sent too large response'
-                                              % url.text)
+                                              % url.addr_text)
     except OSError as exc:
         sock.close()
         if received == 0 and reused:
             raise _Stale() from None
         raise errors.AuthServiceError('%s while talking to auth http server %s'
-                                      % (os_error_text('recv', exc), url.text)) from None
+                                      % (os_error_text('recv', exc), url.addr_text)) from None
     except httptools.HttpParserError:
         sock.close()
         raise errors.AuthServiceError('auth http server %s sent invalid response'
-                                      % url.text) from None
+                                      % url.addr_text) from None
     except BaseException:
         sock.close()
         raise
@@ -254,7 +255,7 @@ def _roundtrip(url, sock, request, keepalive, pool, reused):
         if not _HEADER_NAME.match(name):
             sock.close()
             raise errors.AuthServiceError('auth http server %s sent invalid header in response'
-                                          % url.text)
+                                          % url.addr_text)
     if (keepalive and parsed.complete and parser.should_keep_alive()
             and len(pool) < keepalive):
         pool.append(sock)

@@ -8,7 +8,8 @@ import logging
 
 import gevent
 
-from . import auth_http, errors, log, proxy, upstream
+from . import auth_http, errors, log, proxy, realip, upstream
+from . import ssl as tls
 from .protocols import PROTOCOLS
 from .stream import CLIENT, LineStream
 
@@ -121,7 +122,12 @@ def handle(sock, peer, listen) -> None:
 
 def run(s: Session) -> None:
     proto = s.proto
-    proto.start(s)                    # greeting (TLS and PROXY header come first later)
+    with gevent.Timeout(s.conf.timeout, errors.ClientTimeout):
+        if s.listen.proxy_protocol:
+            realip.accept(s)          # PROXY header first, then maybe the real client address
+        if s.listen.ssl:
+            tls.accept(s)             # implicit TLS (993/995/465)
+        proto.start(s)                # greeting (SMTP: resolver and greeting delay first)
     authenticate(s)
     with gevent.Timeout(s.conf.timeout, errors.UpstreamTimeout):
         up = upstream.connect(s)

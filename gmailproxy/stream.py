@@ -45,7 +45,7 @@ class LineStream:
         """Read once more; at most up to ``limit`` buffered bytes."""
         room = self.limit - len(self.buf)
         if room <= 0:
-            raise self.side.too_long(_shown(self.buf))
+            raise self.side.too_long(redacted(self.buf))
         try:
             data = self.sock.recv(room)
         except OSError as exc:
@@ -83,9 +83,13 @@ class LineStream:
             raise self.side.error(os_error_text('send', exc)) from None
 
 
-def _shown(data: bytes) -> str:
-    from .log import printable
-    return printable(data)
+def redacted(data: bytes) -> str:
+    """The start of a client command for a log line, never its arguments: nginx logs the
+    whole buffer, which may hold a password or base64 AUTH data (logging.md section 1)."""
+    head = b' '.join(data.split(b' ', 2)[:2])
+    text = head[:64].decode('latin-1')
+    text = ''.join(c if ' ' <= c < '\x7f' else '\\x%02x' % ord(c) for c in text)
+    return text + ('...' if len(data) > len(head) else '')
 
 
 IGNORED_ERRNOS = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF)

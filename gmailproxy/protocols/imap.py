@@ -6,6 +6,7 @@ OfflineIMAP send it first) and advertised while ``imap_id`` is on (the default).
 import re
 
 from .. import errors, sasl
+from ..stream import redacted
 from ..config import values
 from ..config.directives import D, MAIL_SERVER
 from ..errors import BadCommand
@@ -100,7 +101,12 @@ def serve(s) -> None:
 def read_command(s):
     """``(NAME, line, position after the name)``; sets ``s.tag`` (with its space)."""
     s.tag = None
-    line = s.stream.read_line()
+    try:
+        line = s.stream.read_line()
+    except errors.TooLong:
+        tag = _TAG.match(s.stream.buf)      # answered with the tag if it was complete
+        s.tag = tag.group() if tag else None
+        raise
     tag = _TAG.match(line)
     if tag is None:
         raise BadCommand(close=_ANNOUNCES_LITERAL_PLUS.search(line) is not None)
@@ -141,14 +147,14 @@ def read_args(s, line: bytes, pos: int, in_list: bool = False) -> list:
                 raise BadCommand(close=bool(plus))
             used += size
             if used > limit:
-                raise errors.TooLong('client sent too long command "%s"' % _redacted(line))
+                raise errors.TooLong('client sent too long command "%s"' % redacted(line))
             if not plus:
                 s.send(b'+ OK\r\n')
             args.append(s.stream.read_exact(size))
             line = s.stream.read_line()
             used += len(line)
             if used > limit:
-                raise errors.TooLong('client sent too long command "%s"' % _redacted(line))
+                raise errors.TooLong('client sent too long command "%s"' % redacted(line))
             pos = 0
             if line[0] not in (32, 13, 10) and not (in_list and line[0] == 41):
                 raise BadCommand()
@@ -159,12 +165,6 @@ def read_args(s, line: bytes, pos: int, in_list: bool = False) -> list:
             m = atom.match(line, pos)
             args.append(m.group())
             pos = m.end()
-
-
-def _redacted(line: bytes) -> str:
-    """The start of a command for the log, never its arguments (they may be passwords)."""
-    head = line.split(b' ', 2)[:2]
-    return ' '.join(part.decode('latin-1') for part in head)[:64] + '...'
 
 
 def _ok(s, text: bytes = b'') -> None:
