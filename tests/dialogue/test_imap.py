@@ -110,11 +110,15 @@ def test_literal_plus_after_invalid_line_closes(mailproxy, backend):
 def test_too_long_command(mailproxy, backend):
     proxy = start(mailproxy, 'imap_client_buffer 64;')
     c = greeted(proxy)
-    c.send(b'a1 LOGIN ' + b'x' * 80 + b' secretpassword\r\n')
+    c.send(b'a1 LOGIN alice ' + b'x' * 80 + b'secretpassword\r\n')
+    c.expect(b'a1 BAD invalid command\r\n')         # the tag was complete: nginx uses it
+    assert c.closed()
+    log = proxy.wait_log(r'client sent too long command "a1 LOGIN\.\.\." while in auth state')
+    assert 'secretpassword' not in log and 'alice' not in log
+    c = greeted(proxy)
+    c.send(b'x' * 100)
     c.expect(b'* BAD invalid command\r\n')
     assert c.closed()
-    log = proxy.wait_log('client sent too long command')
-    assert 'secretpassword' not in log
 
 
 def test_login_with_pipelined_logout(mailproxy, backend, auth):
