@@ -161,18 +161,20 @@ def backend_address(s, where, server: bytes, port: bytes):
 
 
 class _Parsed:
-    __slots__ = ('headers', 'headers_done', 'complete')
+    __slots__ = ('headers', 'headers_done', 'complete', 'keep_alive', 'parser')
 
     def __init__(self):
         self.headers = []
-        self.headers_done = False
-        self.complete = False
+        self.headers_done = self.complete = self.keep_alive = False
+        self.parser = httptools.HttpResponseParser(self)
 
     def on_header(self, name, value):
         self.headers.append((name, value))
 
     def on_headers_complete(self):
         self.headers_done = True
+        # llhttp forgets this once the message is complete: ask now.
+        self.keep_alive = self.parser.should_keep_alive()
 
     def on_message_complete(self):
         self.complete = True
@@ -222,7 +224,7 @@ def _connect(url):
 
 def _roundtrip(url, sock, request, keepalive, pool, reused):
     parsed = _Parsed()
-    parser = httptools.HttpResponseParser(parsed)
+    parser = parsed.parser
     received = 0
     try:
         sock.sendall(request)
@@ -256,8 +258,7 @@ def _roundtrip(url, sock, request, keepalive, pool, reused):
             sock.close()
             raise errors.AuthServiceError('auth http server %s sent invalid header in response'
                                           % url.addr_text)
-    if (keepalive and parsed.complete and parser.should_keep_alive()
-            and len(pool) < keepalive):
+    if keepalive and parsed.complete and parsed.keep_alive and len(pool) < keepalive:
         pool.append(sock)
     else:
         sock.close()
