@@ -5,6 +5,7 @@ greeting -> dialogue (``proto.serve``) -> auth -> backend connect + login -> pum
 """
 import itertools
 import logging
+import socket
 
 import gevent
 
@@ -14,6 +15,7 @@ from .protocols import PROTOCOLS
 from .stream import CLIENT, LineStream
 
 _conn_ids = itertools.count(1)
+LINGER = 1.0            # seconds to drain a client's input before closing
 _log = logging.getLogger(__name__)
 
 
@@ -100,6 +102,10 @@ def handle(sock, peer, listen) -> None:
     """The StreamServer handler; returning closes the client socket."""
     try:
         local = sock.getsockname()
+        if sock.family != socket.AF_UNIX:
+            # Each reply is one send already; Nagle would only hold back the last reply
+            # before a close, which a reset can then destroy.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
         return
     s = Session(sock, peer, local, listen)
@@ -110,6 +116,7 @@ def handle(sock, peer, listen) -> None:
         run(s)
     except errors.ProxyError as exc:
         fail(s, exc)
+        linger(s)
     except gevent.GreenletExit:
         raise
     except Exception:
@@ -167,6 +174,19 @@ def fail(s: Session, exc: errors.ProxyError) -> None:
         _try_send(s, exc.response)
     elif exc.reply is not None:
         _try_send(s, s.proto.reply(s, exc.reply))
+
+
+def linger(s: Session) -> None:
+    """Close after a final reply without a reset: unread client input (a pipelined or
+    too long command) would make the kernel send RST and may destroy that reply."""
+    sock = s.sock
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        with gevent.Timeout(LINGER, errors.ClientTimeout):
+            while sock.recv(4096):
+                pass
+    except (OSError, errors.ClientTimeout):
+        pass
 
 
 def _try_send(s: Session, data: bytes) -> None:
