@@ -10,7 +10,7 @@ import socket
 import gevent
 import httptools
 
-from . import errors
+from . import errors, realip
 from . import ssl as tls
 from .config import values
 from .config.directives import D, MAIL_SERVER
@@ -61,7 +61,8 @@ def build_request(s, url) -> bytes:
         lines += [b'Auth-Salt: ', s.salt, b'\r\n']
     lines += [b'Auth-Protocol: ', s.proto.NAME.encode(), b'\r\n',
               b'Auth-Login-Attempt: ', b'%d' % s.login_attempt, b'\r\n',
-              b'Client-IP: ', s.client_ip.encode(), b'\r\n']
+              b'Client-IP: ', s.client_ip.encode(), b'\r\n',
+              realip.client_port_header(s)]          # beyond nginx, off by default
     if s.client_host:
         lines += [b'Client-Host: ', s.client_host, b'\r\n']
     info = s.proxy_info

@@ -6,7 +6,7 @@ deadline, armed once, as nginx does.
 import logging
 import socket
 
-from . import errors
+from . import errors, realip
 from .config import values
 from .config.directives import D, MAIL_SERVER
 from .stream import UPSTREAM, LineStream, os_error_text
@@ -78,6 +78,7 @@ def connect(s) -> Upstream:
                                               % (name, exc.errno or 0, exc.strerror))
             continue
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        realip.send_backend_header(s, sock)     # proxy_protocol on|v2
         return Upstream(sock, conf.proxy_buffer, name)
     raise last_error
 

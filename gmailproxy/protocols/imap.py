@@ -5,7 +5,7 @@ OfflineIMAP send it first) and advertised while ``imap_id`` is on (the default).
 """
 import re
 
-from .. import errors, sasl
+from .. import errors, realip, sasl
 from ..stream import redacted
 from ..config import values
 from ..config.directives import D, MAIL_SERVER
@@ -289,6 +289,13 @@ def login_upstream(s, up) -> None:
     tag, login, passwd = s.tag, s.login, s.passwd or b''
     greeting = up.read_reply(s)
     up.check(s, greeting, greeting.startswith(b'* OK'))
+    if s.conf.imap_forward_client_id:
+        # Beyond nginx: the client's address in ID; any tagged answer will do.
+        up.send(s, realip.imap_id_command(s, tag), 'sending ID to upstream')
+        line = up.read_reply(s)
+        while line.startswith(b'* '):
+            line = up.read_reply(s)
+        up.check(s, line, line.startswith(tag))
     up.send(s, b'%sLOGIN {%d}\r\n' % (tag, len(login)), 'sending LOGIN command to upstream')
     ready = up.read_reply(s)
     up.check(s, ready, ready.startswith(b'+'))
