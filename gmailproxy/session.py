@@ -116,13 +116,15 @@ def handle(sock, peer, listen) -> None:
         run(s)
     except errors.ProxyError as exc:
         fail(s, exc)
-        linger(s)
+        linger(s, sock)
     except gevent.GreenletExit:
         raise
     except Exception:
         log.session_line(s, log.ALERT, 'internal error', exc_info=True)
         _try_send(s, s.proto.reply(s, 'internal'))
     finally:
+        if s.sock is not sock:
+            tls.close(s)              # close_notify; an unshut TLS session leaves the cache
         if s.upstream_sock is not None:
             s.upstream_sock.close()
 
@@ -176,11 +178,13 @@ def fail(s: Session, exc: errors.ProxyError) -> None:
         _try_send(s, s.proto.reply(s, exc.reply))
 
 
-def linger(s: Session) -> None:
+def linger(s: Session, raw_sock) -> None:
     """Close after a final reply without a reset: unread client input (a pipelined or
     too long command) would make the kernel send RST and may destroy that reply."""
     sock = s.sock
     try:
+        if sock is not raw_sock:
+            tls.shutdown(s)           # close_notify first: the session stays resumable
         sock.shutdown(socket.SHUT_WR)
         with gevent.Timeout(LINGER, errors.ClientTimeout):
             while sock.recv(4096):
