@@ -161,7 +161,7 @@ def authenticate(s: Session) -> None:
             return
         except errors.AuthFailed as exc:
             s.info('client login failed: "%s"' % exc.message)
-            if not exc.wait:
+            if not exc.wait and s.auth_method != 'none':   # a refused RCPT keeps the session
                 s.send(proto.auth_failed_reply(s, exc))
                 raise errors.SessionDone()
             gevent.sleep(exc.wait)
