@@ -7,10 +7,12 @@ and ``Auth-Server`` may be a host name (resolved with ``resolver``).
 import re
 import socket
 
+import dns.name
+import dns.rdatatype
 import gevent
 import httptools
 
-from . import errors, realip
+from . import errors, realip, resolver
 from . import ssl as tls
 from .config import values
 from .config.directives import D, MAIL_SERVER
@@ -145,20 +147,39 @@ def interpret(s, url, headers) -> AuthResult | None:
 
 
 def backend_address(s, where, server: bytes, port: bytes):
-    """``(sockaddr, family, 'server:port')``; host names only through ``resolver``."""
+    """``(sockaddr, family, 'server:port')``. Beyond nginx, a host name is resolved with
+    the configured ``resolver`` (its first address); without one it is refused as nginx
+    refuses it."""
     text = server.decode('latin-1')
     try:
         family = socket.AF_INET6 if ':' in text else socket.AF_INET
         socket.inet_pton(family, text)
     except OSError:
         family = None
+        if s.conf.resolver is not None and _HOST_NAME.match(server):
+            family, text = _resolve(s, text)
     if family is None:
         raise errors.AuthServiceError('auth http server %s sent invalid server address:"%s"'
-                                      % (where, text))
+                                      % (where, server.decode('latin-1')))
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise errors.AuthServiceError('auth http server %s sent invalid server port:"%s"'
                                       % (where, port.decode('latin-1')))
     return (text, int(port)), family, '%s:%s' % (text, port.decode('latin-1'))
+
+
+_HOST_NAME = re.compile(rb'(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?'
+                        rb'(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?\Z')
+
+
+def _resolve(s, name: str):
+    """``(family, address)`` of a backend host name, or ``(None, name)``."""
+    lookup = resolver.get(s.conf.resolver).lookup
+    for rdtype, family in ((dns.rdatatype.A, socket.AF_INET),
+                           (dns.rdatatype.AAAA, socket.AF_INET6)):
+        code, addrs = lookup(dns.name.from_text(name), rdtype, s.conf.resolver_timeout)
+        if not code and addrs:
+            return family, str(addrs[0])
+    return None, name
 
 
 class _Parsed:

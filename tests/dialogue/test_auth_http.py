@@ -128,3 +128,29 @@ def test_https_auth_service(mailproxy, auth, backend, tmp_path, monkeypatch):
         proxy.wait_log('CERTIFICATE_VERIFY_FAILED')
     finally:
         tls_server.stop()
+
+
+def test_auth_server_host_name_through_resolver(mailproxy, auth, backend):
+    """Beyond nginx: ``Auth-Server`` may name a host, resolved with ``resolver``."""
+    from tests.unit.test_resolver import FakeDNS
+    dns = FakeDNS({('backend.test.', 'A'): [('127.0.0.1', 300)]})
+    auth.users['alice']['server'] = 'backend.test'
+    try:
+        proxy = mailproxy(CONF % ('{auth}', 'resolver 127.0.0.1:%d; resolver_timeout 2s;'
+                                  % dns.port))
+        login(proxy)
+        proxy.wait_log(r'client logged in, .*upstream: 127\.0\.0\.1:%d' % backend.port)
+        assert ('backend.test.', 'A') in dns.queries
+        auth.users['alice']['server'] = 'missing.test'
+        login(proxy, expect=b'* BAD internal server error\r\n')
+        proxy.wait_log(r'sent invalid server address:"missing\.test"')
+    finally:
+        dns.stop()
+
+
+def test_auth_server_host_name_without_resolver_is_refused(mailproxy, auth, backend):
+    auth.users['alice']['server'] = 'localhost'
+    proxy = mailproxy(CONF % ('{auth}', ''))
+    login(proxy, expect=b'* BAD internal server error\r\n')
+    proxy.wait_log(r'\[error\] .*auth http server 127\.0\.0\.1:\d+ sent invalid server '
+                   r'address:"localhost" while in http auth state')
