@@ -219,3 +219,50 @@ def decode_oauthbearer(b64: bytes) -> tuple[bytes, bytes]:
 def encode_oauthbearer(user: bytes, token: bytes) -> bytes:
     name = user.replace(b'=', b'=3D').replace(b',', b'=2C')
     return b64encode(b'n,a=%s,\x01auth=Bearer %s\x01\x01' % (name, token))
+
+
+# --- the mechanism dialogues, shared by IMAP AUTHENTICATE, POP3 AUTH and SMTP AUTH -----
+
+def run_mechanism(s, mechanism: bytes, initial: bytes | None, enabled, ask) -> None:
+    """One SASL exchange (common.md section 4): sets ``s.login``, ``s.passwd`` and
+    ``s.auth_method`` or raises BadCommand. ``enabled`` is the protocol's ``*_auth``
+    list (PLAIN and LOGIN are always accepted, as in nginx); ``ask(b64)`` sends a
+    challenge in the protocol's form (``+ x`` or ``334 x``) and returns the first token
+    of the client's answer."""
+    handler = MECHANISMS.get(mechanism.upper())
+    if handler is None:
+        raise BadCommand()
+    handler(s, initial, enabled, ask)
+
+
+def _plain(s, initial, enabled, ask) -> None:
+    s.login, s.passwd = decode_plain(initial if initial is not None else ask(b''))
+    s.auth_method = 'plain'
+
+
+def _login(s, initial, enabled, ask) -> None:
+    login = decode_login(initial if initial is not None else ask(USERNAME_CHALLENGE))
+    s.passwd = decode_login(ask(PASSWORD_CHALLENGE), password=True)
+    s.login = login
+    s.auth_method = 'plain'           # nginx never reports "login"
+
+
+def _cram_md5(s, initial, enabled, ask) -> None:
+    if initial is not None or 'cram-md5' not in enabled:
+        raise BadCommand()
+    if s.salt is None:                # POP3 made it for the greeting; IMAP/SMTP now
+        s.salt = make_salt(s.conf.server_name)
+    s.login, s.passwd = decode_cram_md5(ask(b64encode(s.salt)))
+    s.auth_method = 'cram-md5'
+
+
+def _external(s, initial, enabled, ask) -> None:
+    if 'external' not in enabled:
+        raise BadCommand()
+    s.login = decode_external(initial if initial is not None else ask(USERNAME_CHALLENGE))
+    s.passwd = None                   # never an earlier attempt's password
+    s.auth_method = 'external'
+
+
+MECHANISMS = {b'PLAIN': _plain, b'LOGIN': _login, b'CRAM-MD5': _cram_md5,
+              b'EXTERNAL': _external}

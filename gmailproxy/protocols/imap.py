@@ -228,59 +228,14 @@ def cmd_login(s, args) -> bool:
 def cmd_authenticate(s, args) -> bool:
     if _tls_required(s) or not 1 <= len(args) <= 2:
         raise BadCommand()
-    mech = args[0].upper()
-    handler = MECHANISMS.get(mech)
-    if handler is None:
-        raise BadCommand()
-    handler(s, args[1] if len(args) == 2 else None)
+    sasl.run_mechanism(s, args[0], args[1] if len(args) == 2 else None, s.conf.imap_auth,
+                       lambda text: sasl.first_token(s.ask(b'+ ' + text + b'\r\n')))
     return True
-
-
-def _answer(s, challenge: bytes) -> bytes:
-    return sasl.first_token(s.ask(challenge))
-
-
-def auth_plain(s, initial) -> None:
-    if initial is None:
-        initial = _answer(s, b'+ \r\n')
-    s.login, s.passwd = sasl.decode_plain(initial)
-    s.auth_method = 'plain'
-
-
-def auth_login(s, initial) -> None:
-    if initial is None:
-        initial = _answer(s, b'+ VXNlcm5hbWU6\r\n')
-    login = sasl.decode_login(initial)
-    passwd = sasl.decode_login(_answer(s, b"+ UGFzc3dvcmQ6\r\n"), password=True)
-    sasl.check_credentials(login, passwd)
-    s.login, s.passwd = login, passwd
-    s.auth_method = 'plain'
-
-
-def auth_cram_md5(s, initial) -> None:
-    if 'cram-md5' not in s.conf.imap_auth or initial is not None:
-        raise BadCommand()
-    if s.salt is None:
-        s.salt = sasl.make_salt(s.conf.server_name)
-    s.login, s.passwd = sasl.decode_cram_md5(
-        _answer(s, b'+ ' + sasl.b64encode(s.salt) + b'\r\n'))
-    s.auth_method = 'cram-md5'
-
-
-def auth_external(s, initial) -> None:
-    if 'external' not in s.conf.imap_auth:
-        raise BadCommand()
-    if initial is None:
-        initial = _answer(s, b'+ VXNlcm5hbWU6\r\n')
-    s.login = sasl.decode_external(initial)
-    s.auth_method = 'external'
 
 
 COMMANDS = {b'CAPABILITY': cmd_capability, b'NOOP': cmd_noop, b'LOGOUT': cmd_logout,
             b'STARTTLS': cmd_starttls, b'LOGIN': cmd_login, b'AUTHENTICATE': cmd_authenticate,
             b'ID': cmd_id}
-MECHANISMS = {b'PLAIN': auth_plain, b'LOGIN': auth_login, b'CRAM-MD5': auth_cram_md5,
-              b'EXTERNAL': auth_external}
 
 
 def login_upstream(s, up) -> None:

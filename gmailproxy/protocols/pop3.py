@@ -228,51 +228,16 @@ def cmd_auth(s, args) -> bool:
     if not args:
         s.send(s.conf.pop3_auth_capability)
         return False
-    mechanism = MECHANISMS.get(args[0].upper())
-    if mechanism is None or len(args) > 2:
+    if len(args) > 2:
         raise BadCommand()
-    mechanism(s, args[1] if len(args) == 2 else None)
+    sasl.run_mechanism(s, args[0], args[1] if len(args) == 2 else None, s.conf.pop3_auth,
+                       lambda text: read_response(s, b'+ ' + text + b'\r\n'))
     return True
-
-
-def auth_plain(s, initial) -> None:
-    if initial is None:
-        initial = read_response(s, b'+ \r\n')
-    s.login, s.passwd = sasl.decode_plain(initial)
-    s.auth_method = 'plain'
-
-
-def auth_login(s, initial) -> None:
-    if initial is None:
-        initial = read_response(s, b'+ VXNlcm5hbWU6\r\n')
-    s.login = sasl.decode_login(initial)
-    s.passwd = sasl.decode_login(read_response(s, b'+ UGFzc3dvcmQ6\r\n'), password=True)
-    s.auth_method = 'plain'
-
-
-def auth_cram_md5(s, initial) -> None:
-    if initial is not None or 'cram-md5' not in s.conf.pop3_auth:
-        raise BadCommand()
-    challenge = b'+ ' + sasl.b64encode(s.salt) + b'\r\n'
-    s.login, s.passwd = sasl.decode_cram_md5(read_response(s, challenge))
-    s.auth_method = 'cram-md5'
-
-
-def auth_external(s, initial) -> None:
-    """The login only; the auth service must supply the password (``Auth-Pass``)."""
-    if 'external' not in s.conf.pop3_auth:
-        raise BadCommand()
-    if initial is None:
-        initial = read_response(s, b'+ VXNlcm5hbWU6\r\n')
-    s.login = sasl.decode_external(initial)
-    s.auth_method = 'external'
 
 
 COMMANDS = {b'USER': cmd_user, b'APOP': cmd_apop, b'AUTH': cmd_auth, b'CAPA': cmd_capa,
             b'NOOP': cmd_noop, b'QUIT': cmd_quit, b'STLS': cmd_stls}
 USER_COMMANDS = {b'CAPA': cmd_capa_user, b'NOOP': cmd_noop, b'QUIT': cmd_quit}
-MECHANISMS = {b'PLAIN': auth_plain, b'LOGIN': auth_login, b'CRAM-MD5': auth_cram_md5,
-              b'EXTERNAL': auth_external}
 
 
 def login_upstream(s, up) -> None:

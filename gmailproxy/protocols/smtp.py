@@ -242,10 +242,10 @@ def cmd_auth(s, line, args) -> bool:
         raise BadCommand()
     if not args:
         return s.send(REPLIES['invalid_argument'])
-    handler = MECHANISMS.get(args[0].upper())
-    if handler is None:
+    if len(args) > 2:
         raise BadCommand()
-    handler(s, args[1:])
+    sasl.run_mechanism(s, args[0], args[1] if len(args) == 2 else None, s.conf.smtp_auth,
+                       lambda text: _answer(s, b'334 ' + text + b'\r\n'))
     return True
 
 
@@ -256,49 +256,10 @@ def _answer(s, challenge: bytes) -> bytes:
         raise errors.TooLong('client sent too long command "..."') from None
 
 
-def auth_plain(s, args) -> None:
-    if len(args) > 1:
-        raise BadCommand()
-    initial = args[0] if args else _answer(s, b'334 \r\n')
-    s.login, s.passwd = sasl.decode_plain(initial)
-    s.auth_method = 'plain'
-
-
-def auth_login(s, args) -> None:
-    if len(args) > 1:
-        raise BadCommand()
-    initial = args[0] if args else _answer(s, b'334 VXNlcm5hbWU6\r\n')
-    login = sasl.decode_login(initial)
-    passwd = sasl.decode_login(_answer(s, b'334 UGFzc3dvcmQ6\r\n'), password=True)
-    s.login, s.passwd = login, passwd
-    s.auth_method = 'plain'
-
-
-def auth_cram_md5(s, args) -> None:
-    if args or 'cram-md5' not in s.conf.smtp_auth:
-        raise BadCommand()
-    if s.salt is None:
-        s.salt = sasl.make_salt(s.conf.server_name)
-    s.login, s.passwd = sasl.decode_cram_md5(
-        _answer(s, b'334 ' + sasl.b64encode(s.salt) + b'\r\n'))
-    s.auth_method = 'cram-md5'
-
-
-def auth_external(s, args) -> None:
-    if len(args) > 1 or 'external' not in s.conf.smtp_auth:
-        raise BadCommand()
-    initial = args[0] if args else _answer(s, b'334 VXNlcm5hbWU6\r\n')
-    s.login = sasl.decode_external(initial)
-    s.passwd = None                  # never an earlier attempt's password
-    s.auth_method = 'external'
-
-
 COMMANDS = {b'HELO': cmd_helo, b'EHLO': cmd_ehlo, b'AUTH': cmd_auth, b'MAIL': cmd_mail,
             b'RCPT': cmd_rcpt, b'RSET': cmd_rset, b'NOOP': cmd_noop, b'QUIT': cmd_quit,
             b'STARTTLS': cmd_starttls, b'VRFY': cmd_invalid, b'EXPN': cmd_invalid,
             b'HELP': cmd_invalid}
-MECHANISMS = {b'PLAIN': auth_plain, b'LOGIN': auth_login, b'CRAM-MD5': auth_cram_md5,
-              b'EXTERNAL': auth_external}
 
 
 def xtext(value: bytes) -> bytes:
