@@ -9,7 +9,7 @@ import socket
 
 import gevent
 
-from . import auth_http, errors, log, proxy, realip, upstream
+from . import auth, errors, log, proxy, realip, upstream
 from . import ssl as tls
 from .protocols import PROTOCOLS
 from .stream import CLIENT, LineStream
@@ -157,7 +157,7 @@ def authenticate(s: Session) -> None:
         s.action = 'in http auth state'
         s.login_attempt += 1
         try:
-            s.auth = auth_http.authenticate(s)
+            s.auth = auth.authenticate(s)
             return
         except errors.AuthFailed as exc:
             s.info('client login failed: "%s"' % exc.message)

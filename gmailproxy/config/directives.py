@@ -105,6 +105,8 @@ FEATURE_MODULES = (
     'gmailproxy.protocols.imap',
     'gmailproxy.protocols.smtp',
     'gmailproxy.auth_http',
+    'gmailproxy.auth_users',
+    'gmailproxy.auth_hook',
     'gmailproxy.upstream',
     'gmailproxy.realip',
 )

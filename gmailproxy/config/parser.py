@@ -70,8 +70,10 @@ def load(path: str, prefix: str | None = None, extra: str = '') -> Config:
 
 
 def authenticated(conf: ServerConf) -> bool:
-    """Whether a server has a way to check logins (nginx requires ``auth_http``)."""
-    return conf.auth_http is not None
+    """Whether a server has a way to check logins: nginx requires ``auth_http``; beyond
+    nginx the user file (``auth_users``) or a Python hook (``auth_hook``) will do."""
+    return any(getattr(conf, name, None) is not None
+               for name in ('auth_http', 'auth_users', 'auth_hook'))
 
 
 class _Ctx:
