@@ -81,7 +81,7 @@ def open_listeners(config) -> list[Bound]:
         for group in plan([l for conf in config.servers for l in conf.listen]):
             bound = Bound(None, group)
             bounds.append(bound)
-            bound.sock = _open(group[0], bound)
+            bound.sock = open_socket(group[0], bound)
         done = True
     finally:
         if not done:
@@ -105,7 +105,7 @@ def _failed(what: str, err: OSError) -> ConfigError:
     return ConfigError('%s failed (%d: %s)' % (what, err.errno, os.strerror(err.errno)))
 
 
-def _open(lst: Listen, bound: Bound) -> socket.socket:
+def open_socket(lst: Listen, bound: Bound) -> socket.socket:
     proto = socket.IPPROTO_MPTCP if lst.multipath else 0
     try:
         sock = socket.socket(lst.family, socket.SOCK_STREAM, proto)

@@ -14,7 +14,7 @@ from . import ssl as tls
 from .protocols import PROTOCOLS
 from .stream import CLIENT, LineStream
 
-_conn_ids = itertools.count(1)
+_conn_ids = itertools.count(1)    # server.run replaces it with log.ConnectionCounter()
 LINGER = 1.0            # seconds to drain a client's input before closing
 _log = logging.getLogger(__name__)
 

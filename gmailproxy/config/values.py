@@ -19,6 +19,7 @@ from typing import NamedTuple
 import gevent.ssl
 
 from . import address
+from .. import log
 from .address import UrlError, atoi, parse_size, parse_time
 
 PROTOCOL_NAMES = ('imap', 'pop3', 'smtp')
@@ -343,7 +344,7 @@ def error_log(args, ctx) -> ErrorLog:
     if target.startswith('memory:'):
         raise ValueError('the "memory:" error log is not supported')
     if target.startswith('syslog:'):
-        _check_syslog(target[7:])
+        log.parse_syslog(target[7:])
     elif target != 'stderr':
         target = ctx.prefix_path(target)
     level = None
@@ -358,17 +359,6 @@ def error_log(args, ctx) -> ErrorLog:
         else:
             raise ValueError('invalid log level "%s"' % word)
     return ErrorLog(target, level or ('debug' if debug else 'error'))
-
-
-def _check_syslog(params: str) -> None:
-    """nginx ngx_syslog_process_conf: comma-separated ``key=value``, a server required."""
-    server = False
-    for item in params.split(','):
-        if not item.startswith(SYSLOG_KEYS):
-            raise ValueError('unknown syslog parameter "%s"' % item)
-        server = server or item.startswith('server=')
-    if not server:
-        raise ValueError('no server specified')
 
 
 @dataclass(frozen=True, slots=True)

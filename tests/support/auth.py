@@ -160,6 +160,7 @@ class RecordingAuthServer:
         class Server(socketserver.ThreadingTCPServer):
             daemon_threads = True
             allow_reuse_address = True
+            request_queue_size = 128     # many logins at once (reload tests)
             address_family = socket.AF_INET6 if ':' in self._host else socket.AF_INET
 
         self._tcp = Server((self._host, 0), Handler)

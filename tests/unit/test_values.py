@@ -167,7 +167,7 @@ def test_error_log(args, expected):
     (['stderr', 'info', 'info'], 'duplicate log level "info"'),
     (['stderr', 'info', 'debug_mail'], 'invalid log level "debug_mail"'),
     (['stderr', 'debug_mail', 'info'], 'duplicate log level "info"'),
-    (['syslog:tag=x'], 'no server specified'),
+    (['syslog:tag=x'], 'no syslog server specified'),
     (['syslog:server=x,colour=red'], 'unknown syslog parameter "colour=red"'),
     (['memory:1m'], 'the "memory:" error log is not supported'),
 ])
