@@ -16,7 +16,7 @@ from . import errors, realip, resolver
 from . import ssl as tls
 from .config import values
 from .config.directives import D, MAIL_SERVER
-from .stream import os_error_text
+from .stream import os_error_text, send_all
 
 DIRECTIVES = [
     D('auth_http', MAIL_SERVER, '1', values.auth_http_url, multi='last'),
@@ -249,7 +249,7 @@ def _roundtrip(url, sock, request, keepalive, pool, reused):
     parser = parsed.parser
     received = 0
     try:
-        sock.sendall(request)
+        send_all(sock, request)
         while not parsed.headers_done:
             data = sock.recv(RESPONSE_LIMIT)
             if not data:

@@ -1,63 +1,324 @@
 """The byte pump (proxy.md section 5): both directions at once, one shared idle deadline.
 
-Each direction is a greenlet copying through a reused buffer; traffic either way pushes
-the deadline back (nginx only counts the client side; the docs promise either side).
-When one side closes, everything it sent has been delivered, so the session ends.
+The session's own greenlet runs the pump; no greenlet per direction. It waits on hub io
+watchers of the two descriptors and moves bytes with non-blocking calls only:
+
+* small messages (commands, replies): ``os.readv`` into a scratch buffer shared by all
+  sessions and ``os.write`` at once; only bytes the destination cannot take yet are
+  copied out. A TLS client uses ``SSLObject.read``/``write`` the same way.
+* bulk between plain sockets (a read filled a whole chunk): ``os.splice`` through a
+  pipe, so no Python object is made per chunk. Pipes come from a pool and are borrowed
+  only while bytes are in flight: an idle session holds its two sockets, nothing else.
+
+A read asks for at least 64 KiB (``proxy_buffer``/``*_client_buffer`` when larger): nginx's
+buffer is its memory unit, not a property of the wire, and the bytes relayed are the same.
+Traffic either way pushes the idle deadline back (nginx only counts the client side; the
+docs promise either side). When one side closes, everything it sent has been delivered
+(a read happens only once the previous chunk is out), so the session ends, as nginx's.
 """
-import gevent
-from gevent import get_hub
+import fcntl
+import os
+import ssl
+
+from gevent import get_hub, getcurrent
 
 from . import log
 
-_now = None
+CHUNK = 65536                 # bytes per read at least
+PIPE_SIZE = 262144            # pipe capacity = bytes per splice: fewer calls in bulk
+BURST = 16                    # chunks one direction moves before letting others run
+POOL_MAX = 64                 # idle pipes kept per process
+SMALL = 4096                  # a splice read below this ends bulk mode
+TLS_RECORD = 16384            # the most data one TLS record carries
+_READ, _WRITE = 1, 2          # libev EV_READ, EV_WRITE
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+
+_pipes: list[tuple[int, int]] = []
+_buffers: dict[int, bytearray] = {}     # size -> the scratch buffer of that size
 
 
-def pump(s, up) -> None:
-    global _now
-    if _now is None:
-        _now = get_hub().loop.now
+def pump(s, up) -> tuple[int, int]:
+    """Relay until a side closes, fails or ``proxy_timeout`` passes idle; returns the
+    bytes relayed (from the client, to the client)."""
     client, backend = s.sock, up.sock
     s.upstream_sock = backend
-    activity = [_now()]
-    counts = [0, 0]
     s.action = 'proxying'
     first_up = s.stream.take_buffered()
     first_down = up.stream.take_buffered()
-    to_backend = gevent.spawn(_copy, client, backend, s.proto.client_buffer(s.conf), first_up,
-                              counts, 0, activity)
-    to_client = gevent.spawn(_copy, backend, client, s.conf.proxy_buffer, first_down,
-                             counts, 1, activity)
-    timeout = s.conf.proxy_timeout
+    to_backend = _Direction(client, backend, s.proto.client_buffer(s.conf), first_up)
+    to_client = _Direction(backend, client, s.conf.proxy_buffer, first_down)
     try:
-        while True:
-            remaining = activity[0] + timeout - _now()
-            if remaining <= 0:
-                s.info('client timed out (110: Connection timed out)')
-                break
-            if gevent.wait((to_backend, to_client), timeout=remaining, count=1):
-                break
+        timed_out = _run(to_backend, to_client, s.conf.proxy_timeout)
     finally:
-        gevent.killall((to_backend, to_client))
+        to_backend.release()
+        to_client.release()
         backend.close()
+        if s.track is not None:
+            s.track.bytes = (to_backend.count, to_client.count)
+    if timed_out:
+        s.info('client timed out (110: Connection timed out)')
     s.action = None
-    log.session_line(s, log.INFO, 'proxied session done',
-                     tail=', bytes from client: %d, bytes to client: %d' % tuple(counts))
+    counts = to_backend.count, to_client.count
+    if s.logger.isEnabledFor(log.INFO):
+        log.session_line(s, log.INFO, 'proxied session done',
+                         tail=', bytes from client: %d, bytes to client: %d' % counts)
+    return counts
 
 
-def _copy(src, dst, size, first, counts, index, activity):
+def _run(a: '_Direction', b: '_Direction', timeout: float) -> bool:
+    """Move bytes until a side closes or fails (False) or ``timeout`` passes idle (True).
+
+    Watcher callbacks switch straight into this greenlet with a number: 0 or 1 for a
+    direction that can go on, 2 for the deadline. Every call here is non-blocking, so
+    the greenlet is only ever suspended in ``hub.switch()`` below, where they expect it."""
+    hub = get_hub()
+    loop = hub.loop
+    wake = getcurrent().switch
+    directions = (a, b)
+    a.arm(loop, wake, 0)
+    b.arm(loop, wake, 1)
+    timer = loop.timer(timeout)
+    timer.start(wake, 2)
     try:
-        if first:
-            dst.sendall(first)
-            counts[index] += len(first)
-        buf = bytearray(size)
-        view = memoryview(buf)
-        recv_into, sendall = src.recv_into, dst.sendall
+        if a.step() or b.step():
+            return False
         while True:
-            n = recv_into(buf)
-            if not n:
-                return
-            sendall(view[:n])
-            counts[index] += n
-            activity[0] = _now()
-    except OSError:
-        return
+            ready = hub.switch()
+            if ready == 2:
+                idle = loop.now() - (a.last if a.last > b.last else b.last)
+                if idle >= timeout:
+                    return True
+                timer.stop()
+                timer = loop.timer(timeout - idle)
+                timer.start(wake, 2)
+            elif directions[ready].step():
+                return False
+    finally:
+        timer.close()
+        a.disarm()
+        b.disarm()
+
+
+class _Direction:
+    """One way through the pump: what waits to be written, and what to wait for."""
+    __slots__ = ('src', 'dst', 'src_fd', 'dst_fd', 'src_tls', 'dst_tls', 'size',
+                 'splice_size', 'asked', 'pipe', 'in_pipe', 'bulk', 'data', 'count', 'last',
+                 'loop', 'wake', 'index', 'watcher', 'readable', 'writable', 'later')
+
+    def __init__(self, src, dst, size: int, first: bytes):
+        self.src, self.dst = src, dst
+        self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+        self.src_tls = getattr(src, '_sslobj', None)
+        self.dst_tls = getattr(dst, '_sslobj', None)
+        self.size = max(size, CHUNK)
+        self.splice_size = max(size, PIPE_SIZE)
+        self.asked = 0
+        self.pipe = None            # (read end, write end) while bytes are in it
+        self.in_pipe = 0
+        self.bulk = False           # splicing (plain to plain, reads filling chunks)
+        self.data = memoryview(first) if first else None    # bytes still to write
+        self.count = 0
+        self.last = 0.0
+        self.watcher = self.readable = self.writable = self.later = None
+
+    # -- waiting -------------------------------------------------------------------------
+
+    def arm(self, loop, wake, index: int) -> None:
+        self.loop, self.wake, self.index = loop, wake, index
+        self.last = loop.now()
+
+    def _wait(self, fd: int, events: int) -> None:
+        """Be woken when ``fd`` has ``events``; the watchers for the usual two waits are
+        kept, so a session that only ever reads does no watcher work per message."""
+        if fd == self.src_fd and events == _READ:
+            watcher = self.readable
+            if watcher is None:
+                watcher = self.readable = self.loop.io(fd, _READ)
+        elif fd == self.dst_fd and events == _WRITE:
+            watcher = self.writable
+            if watcher is None:
+                watcher = self.writable = self.loop.io(fd, _WRITE)
+        else:                       # TLS needing the other event (renegotiation, KeyUpdate)
+            watcher = self.loop.io(fd, events)
+        if watcher is not self.watcher:
+            if self.watcher is not None:
+                self.watcher.stop()
+            self.watcher = watcher
+        if not watcher.active:
+            watcher.start(self.wake, self.index)
+
+    def _soon(self) -> None:
+        """Wake again in this loop iteration's callbacks: TLS keeps decrypted bytes that
+        no descriptor event announces, and a long burst lets other sessions run."""
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+        self.later = self.loop.run_callback(self.wake, self.index)
+
+    def disarm(self) -> None:
+        for watcher in {self.readable, self.writable, self.watcher}:
+            if watcher is not None:
+                watcher.stop()
+                watcher.close()
+        if self.later is not None:
+            self.later.stop()
+        self.watcher = self.readable = self.writable = self.later = None
+
+    # -- moving bytes --------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Move what can be moved now; True when the session is over (EOF or error)."""
+        self.later = None
+        try:
+            if (self.data is not None or self.in_pipe) and not self._flush():
+                return False
+            for _ in range(BURST):
+                n = self._read()
+                if n is None:                   # nothing to read now
+                    self._wait(self.src_fd, _READ)
+                    return False
+                if n == 0:
+                    return True
+                self.last = self.loop.now()
+                if not self._flush():
+                    return False
+                if n < self.asked and self.src_tls is None:
+                    # A short read drained the socket (TLS reads end at each record).
+                    watcher = self.watcher
+                    if watcher is None or watcher is not self.readable or not watcher.active:
+                        self._wait(self.src_fd, _READ)
+                    return False
+            self._soon()
+            return False
+        except ssl.SSLWantWriteError:          # a TLS read that must write first
+            self._wait(self.src_fd, _WRITE)
+            return False
+        except ssl.SSLWantReadError:           # a TLS write that must read first
+            self._wait(self.dst_fd, _READ)
+            return False
+        except OSError:
+            return True
+
+    def _read(self) -> int | None:
+        """Read a chunk; the byte count, 0 at EOF, None when there is nothing to read.
+
+        Small reads go through a scratch buffer shared by every session (``_flush``
+        copies what it cannot write at once). Once a read fills a whole chunk, bulk
+        has started: plain-to-plain then splices until the reads get small again."""
+        if self.pipe is not None or (self.bulk and self.src_tls is self.dst_tls is None):
+            return self._splice_in()
+        buf = _scratch(self.size)
+        self.asked = self.size
+        try:
+            if self.src_tls is not None:
+                n = self._read_records(buf)
+            else:
+                n = os.readv(self.src_fd, (buf,))
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return None
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return 0
+        if n:
+            self.data = memoryview(buf)[:n]
+            self.bulk = n == self.size
+        return n
+
+    def _read_records(self, buf: bytearray) -> int:
+        """TLS records (16 KiB of data at most each) until ``buf`` has no room for one
+        more or none is complete: one write to the backend carries several."""
+        tls, size = self.src_tls, self.size
+        n = tls.read(size, buf)
+        if n:
+            view = memoryview(buf)
+            try:
+                while n <= size - TLS_RECORD:
+                    got = tls.read(size - n, view[n:])
+                    if not got:
+                        break
+                    n += got
+            except OSError:             # none complete, EOF, an error: the next read
+                pass                    # meets it again, after these bytes are out
+        return n
+
+    def _splice_in(self) -> int | None:
+        if self.pipe is None:
+            self.pipe = _pipes.pop() if _pipes else _new_pipe()
+        try:
+            n = os.splice(self.src_fd, self.pipe[1], self.splice_size, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            n = None
+        if not n:                       # an idle session keeps no pipe
+            _give_pipe(self.pipe)
+            self.pipe = None
+            return n
+        self.in_pipe = n
+        self.asked = self.splice_size
+        self.bulk = n >= SMALL
+        return n
+
+    def _flush(self) -> bool:
+        """Write out what is pending; True when nothing is left (a pipe then goes back to
+        the pool), False after arranging to wait for the destination."""
+        data = self.data
+        while data is not None:
+            try:
+                if self.dst_tls is not None:
+                    n = self.dst_tls.write(data)
+                else:
+                    n = os.write(self.dst_fd, data)
+            except (BlockingIOError, ssl.SSLWantWriteError):
+                self.data = bytes(data)         # off the shared scratch buffer
+                self._wait(self.dst_fd, _WRITE)
+                return False
+            self.count += n
+            data = self.data = data[n:] if n < len(data) else None
+        while self.in_pipe:
+            try:
+                n = os.splice(self.pipe[0], self.dst_fd, self.in_pipe, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                self._wait(self.dst_fd, _WRITE)
+                return False
+            self.count += n
+            self.in_pipe -= n
+        if self.pipe is not None:
+            _give_pipe(self.pipe)
+            self.pipe = None
+        return True
+
+    def release(self) -> None:
+        """At the end: an empty pipe goes back to the pool, one still holding bytes not."""
+        if self.pipe is not None:
+            if self.in_pipe:
+                _close_pipe(self.pipe)      # bytes nobody will read
+            else:
+                _give_pipe(self.pipe)
+            self.pipe = None
+        self.data = None
+
+
+def _scratch(size: int) -> bytearray:
+    buf = _buffers.get(size)
+    if buf is None:
+        buf = _buffers[size] = bytearray(size)
+    return buf
+
+
+def _new_pipe() -> tuple[int, int]:
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:             # above /proc/sys/fs/pipe-max-size: keep the default
+        pass
+    return r, w
+
+
+def _give_pipe(pipe) -> None:
+    if len(_pipes) < POOL_MAX:
+        _pipes.append(pipe)
+    else:
+        _close_pipe(pipe)
+
+
+def _close_pipe(pipe) -> None:
+    os.close(pipe[0])
+    os.close(pipe[1])

@@ -9,7 +9,7 @@ import socket
 
 import gevent
 
-from . import auth, errors, log, proxy, realip, upstream
+from . import auth, errors, limits, log, metrics, proxy, realip, upstream
 from . import ssl as tls
 from .protocols import PROTOCOLS
 from .stream import CLIENT, LineStream
@@ -25,7 +25,7 @@ class Session:
                  'conn_id', 'logger', 'action', 'tls', 'starttls_used',
                  'login', 'passwd', 'auth_method', 'salt', 'tag', 'errors', 'login_attempt',
                  'helo', 'esmtp', 'mail_from', 'rcpt_to', 'client_host',
-                 'upstream_name', 'upstream_sock', 'auth', 'proxy_info', 'extra')
+                 'upstream_name', 'upstream_sock', 'auth', 'proxy_info', 'extra', 'track')
 
     def __init__(self, sock, peer, local, listen):
         conf = listen.server
@@ -52,6 +52,7 @@ class Session:
         self.auth = None
         self.proxy_info = None
         self.extra = None
+        self.track = None               # limits.Track when conf.tracked
         self.stream = LineStream(sock, self.proto.client_buffer(conf), CLIENT)
 
     def __repr__(self) -> str:
@@ -98,10 +99,12 @@ def peer_text(peer) -> str:
     return 'unix:'
 
 
-def handle(sock, peer, listen) -> None:
-    """The StreamServer handler; returning closes the client socket."""
+def handle(sock, peer, listen, local=None) -> None:
+    """The StreamServer handler; returning closes the client socket. ``local``: the
+    socket's own address when the caller already asked the kernel for it."""
     try:
-        local = sock.getsockname()
+        if local is None:
+            local = sock.getsockname()
         if sock.family != socket.AF_UNIX:
             # Each reply is one send already; Nagle would only hold back the last reply
             # before a close, which a reset can then destroy.
@@ -112,6 +115,8 @@ def handle(sock, peer, listen) -> None:
     if s.logger.isEnabledFor(log.INFO):
         s.logger.info('*%d client %s connected to %s', s.conn_id, peer_text(peer),
                       listen.addr_text)
+    if s.conf.tracked:
+        limits.begin(s)               # limits, metrics, access log (issue 12)
     try:
         run(s)
     except errors.ProxyError as exc:
@@ -127,6 +132,8 @@ def handle(sock, peer, listen) -> None:
             tls.close(s)              # close_notify; an unshut TLS session leaves the cache
         if s.upstream_sock is not None:
             s.upstream_sock.close()
+        if s.track is not None:
+            limits.end(s)
 
 
 def run(s: Session) -> None:
@@ -136,13 +143,19 @@ def run(s: Session) -> None:
             realip.accept(s)          # PROXY header first, then maybe the real client address
         if s.listen.ssl:
             tls.accept(s)             # implicit TLS (993/995/465)
+        if s.track is not None:
+            limits.admit(s)           # max_sessions_per_address
         proto.start(s)                # greeting (SMTP: resolver and greeting delay first)
     authenticate(s)
     with gevent.Timeout(s.conf.timeout, errors.UpstreamTimeout):
         up = upstream.connect(s)
+        if s.track is not None:
+            metrics.backend_connected(s)
         proto.login_upstream(s, up)
     s.action = None
     s.info('client logged in')
+    if s.track is not None:
+        metrics.logged_in(s)
     proxy.pump(s, up)
 
 
@@ -157,7 +170,8 @@ def authenticate(s: Session) -> None:
         s.action = 'in http auth state'
         s.login_attempt += 1
         try:
-            s.auth = auth.authenticate(s)
+            check = auth.authenticate if s.track is None else limits.authenticate
+            s.auth = check(s)
             return
         except errors.AuthFailed as exc:
             s.info('client login failed: "%s"' % exc.message)
@@ -170,6 +184,8 @@ def authenticate(s: Session) -> None:
 
 
 def fail(s: Session, exc: errors.ProxyError) -> None:
+    if s.track is not None:
+        s.track.exc = exc
     if exc.message and exc.level > logging.DEBUG:
         log.session_line(s, exc.level, exc.message)
     if isinstance(exc, errors.UpstreamRejected) and s.conf.proxy_pass_error_message:

@@ -818,6 +818,8 @@ def _handshake(s, action: str) -> None:
         raise errors.TLSError('SSL_do_handshake() failed (%d: %s)'
                               % (exc.errno, os.strerror(exc.errno))) from None
     s.tls = True
+    if s.track is not None:
+        s.track.handshake(s)
     check_client_certificate(s)
     s.action = previous
 

@@ -3,8 +3,12 @@
 The session runs ``connect`` and the protocol's ``login_upstream`` under one ``timeout``
 deadline, armed once, as nginx does.
 """
+import errno
 import logging
+import os
 import socket
+
+from gevent.socket import wait_write
 
 from . import errors, realip
 from .config import values
@@ -71,7 +75,7 @@ def connect(s) -> Upstream:
         sock = socket.socket(family, socket.SOCK_STREAM)
         s.upstream_sock = sock
         try:
-            sock.connect(sockaddr)
+            connect_socket(sock, sockaddr)
         except OSError as exc:
             sock.close()
             last_error = errors.UpstreamError('connect() to %s failed (%d: %s)'
@@ -81,6 +85,25 @@ def connect(s) -> Upstream:
         realip.send_backend_header(s, sock)     # proxy_protocol on|v2
         return Upstream(sock, conf.proxy_buffer, name)
     raise last_error
+
+
+def connect_socket(sock, sockaddr) -> None:
+    """``sock.connect(sockaddr)`` for a numeric address, under the caller's Timeout:
+    one connect(), a wait for writability, SO_ERROR (gevent's ``connect`` adds a
+    SO_ERROR query before and a second connect() after)."""
+    sock.settimeout(0.0)            # gevent's connect_ex then returns EINPROGRESS
+    try:
+        err = sock.connect_ex(sockaddr)
+    finally:
+        sock.settimeout(None)
+    if err in _IN_PROGRESS:
+        wait_write(sock.fileno())
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err and err != errno.EISCONN:
+        raise OSError(err, os.strerror(err))
+
+
+_IN_PROGRESS = (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY)
 
 
 def recv_error(exc: OSError) -> errors.UpstreamError:

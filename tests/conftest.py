@@ -9,6 +9,8 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import logging  # noqa: E402
+
 import pytest  # noqa: E402
 
 from tests.support import dump_on_failure  # noqa: E402
@@ -67,6 +69,17 @@ def pytest_runtest_call(item):
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item, nextitem):
     return (yield from _sanitized())
+
+
+@pytest.fixture(autouse=True)
+def _gmailproxy_logger_restored():
+    """An in-process proxy points the ``gmailproxy`` logger at its own handlers and stops
+    propagation; put it back so later tests (caplog) see its records again."""
+    logger = logging.getLogger('gmailproxy')
+    saved = logger.propagate, list(logger.handlers), logger.level
+    yield
+    logger.propagate, logger.handlers[:] = saved[0], saved[1]
+    logger.setLevel(saved[2])
 
 
 @pytest.fixture

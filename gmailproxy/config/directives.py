@@ -109,6 +109,9 @@ FEATURE_MODULES = (
     'gmailproxy.auth_hook',
     'gmailproxy.upstream',
     'gmailproxy.realip',
+    'gmailproxy.limits',
+    'gmailproxy.metrics',
+    'gmailproxy.accesslog',
 )
 
 

@@ -31,7 +31,11 @@ REPLIES = {
     'internal': b'* BAD internal server error\r\n',
     'cert_error': b'* BYE SSL certificate error\r\n',
     'cert_missing': b'* BYE No required SSL certificate\r\n',
+    'limit_address': b'* BYE [UNAVAILABLE] Too many connections from your address\r\n',
+    'limit_login': b'NO [UNAVAILABLE] Too many sessions for this user\r\n',
+    'limit_failures': b'NO [UNAVAILABLE] Too many failed logins, try again later\r\n',
 }
+TAGGED = frozenset(('invalid', 'limit_login', 'limit_failures'))   # get the tag first
 AUTH_ORDER = (('plain', b'AUTH=PLAIN'), ('login', b'AUTH=LOGIN'),
               ('cram-md5', b'AUTH=CRAM-MD5'), ('external', b'AUTH=EXTERNAL'))
 MAX_ID_PAIRS = 30                     # RFC 2971
@@ -64,7 +68,7 @@ def finalize(conf) -> None:
 
 def reply(s, key: str) -> bytes:
     text = REPLIES[key]
-    if key == 'invalid':
+    if key in TAGGED:
         return (s.tag or b'* ') + text
     return text
 

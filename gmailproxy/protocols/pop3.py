@@ -29,6 +29,9 @@ REPLIES = {
     'internal': b'-ERR internal server error\r\n',
     'cert_error': b'-ERR SSL certificate error\r\n',
     'cert_missing': b'-ERR No required SSL certificate\r\n',
+    'limit_address': b'-ERR [SYS/TEMP] Too many connections from your address\r\n',
+    'limit_login': b'-ERR [SYS/TEMP] Too many sessions for this user\r\n',
+    'limit_failures': b'-ERR [SYS/TEMP] Too many failed logins, try again later\r\n',
 }
 # SASL names in nginx's fixed order; LOGIN comes with ``plain``, APOP is never listed.
 AUTH_ORDER = (('plain', b'PLAIN'), ('plain', b'LOGIN'), ('cram-md5', b'CRAM-MD5'),
