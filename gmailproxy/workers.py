@@ -189,6 +189,7 @@ class Master(Controller):
         self.config, self.bounds, self.loggers = prepared
         self.generation += 1
         self._closing = old_bounds      # forked workers close those they do not serve
+        start_metrics(self.config, workers=True)    # before forking, as at start
         try:
             self.start_workers()
         finally:
@@ -197,7 +198,6 @@ class Master(Controller):
             self.signal_worker(pid, signal.SIGQUIT)
         close_unused(old_bounds, self.bounds)
         log.prune(self.loggers)
-        start_metrics(self.config, workers=True)
 
     _closing = ()
 
