@@ -42,12 +42,13 @@ def escape(value: bytes) -> bytes:
 
 
 class AuthResult:
-    __slots__ = ('servers', 'login', 'passwd', 'wait', 'error_code')
+    __slots__ = ('servers', 'login', 'passwd', 'wait', 'error_code', 'user_and_pass')
 
-    def __init__(self, servers, login, passwd):
+    def __init__(self, servers, login, passwd, user_and_pass=False):
         self.servers = servers          # [(sockaddr, name for logs)], tried in order
         self.login = login
         self.passwd = passwd
+        self.user_and_pass = user_and_pass  # the answer had Auth-User and Auth-Pass
 
 
 def build_request(s, url) -> bytes:
@@ -143,7 +144,8 @@ def interpret(s, url, headers) -> AuthResult | None:
     targets = []
     for server, port in zip(servers, ports):
         targets.append(backend_address(s, where, server, port))
-    return AuthResult(targets, s.login, s.passwd)
+    return AuthResult(targets, s.login, s.passwd,
+                      user_and_pass=login is not None and passwd is not None)
 
 
 def backend_address(s, where, server: bytes, port: bytes):

@@ -3,7 +3,8 @@
 Pure functions: each decoder takes the base64 text the client sent and returns the
 credentials, or raises ``BadCommand`` with the info-level text nginx logs
 (ngx_mail_auth_plain, ngx_mail_auth_login_username, ngx_mail_auth_cram_md5,
-ngx_mail_auth_external). XOAUTH2 and OAUTHBEARER go beyond nginx.
+ngx_mail_auth_external). XOAUTH2 and OAUTHBEARER go beyond nginx (their failure
+dialogue and the replay to the backend are in oauth.py).
 """
 import binascii
 import hashlib
@@ -217,8 +218,10 @@ def decode_oauthbearer(b64: bytes) -> tuple[bytes, bytes]:
 
 
 def encode_oauthbearer(user: bytes, token: bytes) -> bytes:
+    """RFC 7628 initial response; an empty user leaves the authzid out (``n,,``)."""
     name = user.replace(b'=', b'=3D').replace(b',', b'=2C')
-    return b64encode(b'n,a=%s,\x01auth=Bearer %s\x01\x01' % (name, token))
+    gs2 = b'n,a=%s,' % name if user else b'n,,'
+    return b64encode(b'%s\x01auth=Bearer %s\x01\x01' % (gs2, token))
 
 
 # --- the mechanism dialogues, shared by IMAP AUTHENTICATE, POP3 AUTH and SMTP AUTH -----
@@ -226,9 +229,9 @@ def encode_oauthbearer(user: bytes, token: bytes) -> bytes:
 def run_mechanism(s, mechanism: bytes, initial: bytes | None, enabled, ask) -> None:
     """One SASL exchange (common.md section 4): sets ``s.login``, ``s.passwd`` and
     ``s.auth_method`` or raises BadCommand. ``enabled`` is the protocol's ``*_auth``
-    list (PLAIN and LOGIN are always accepted, as in nginx); ``ask(b64)`` sends a
-    challenge in the protocol's form (``+ x`` or ``334 x``) and returns the first token
-    of the client's answer."""
+    list (PLAIN and LOGIN are always accepted, as in nginx; the others only when
+    listed); ``ask(b64)`` sends a challenge in the protocol's form (``+ x`` or
+    ``334 x``) and returns the first token of the client's answer."""
     handler = MECHANISMS.get(mechanism.upper())
     if handler is None:
         raise BadCommand()
@@ -264,5 +267,24 @@ def _external(s, initial, enabled, ask) -> None:
     s.auth_method = 'external'
 
 
+def _xoauth2(s, initial, enabled, ask) -> None:
+    """Beyond nginx: the user and the bearer token go to auth_http as Auth-User and
+    Auth-Pass (``Auth-Method: xoauth2``); an empty challenge asks for the response."""
+    if 'xoauth2' not in enabled:
+        raise BadCommand()
+    s.login, s.passwd = decode_xoauth2(initial if initial is not None else ask(b''))
+    s.auth_method = 'xoauth2'
+
+
+def _oauthbearer(s, initial, enabled, ask) -> None:
+    """Beyond nginx: RFC 7628, as XOAUTH2 (``Auth-Method: oauthbearer``); the user may
+    be empty (no authzid), the auth service then names it in Auth-User."""
+    if 'oauthbearer' not in enabled:
+        raise BadCommand()
+    s.login, s.passwd = decode_oauthbearer(initial if initial is not None else ask(b''))
+    s.auth_method = 'oauthbearer'
+
+
 MECHANISMS = {b'PLAIN': _plain, b'LOGIN': _login, b'CRAM-MD5': _cram_md5,
-              b'EXTERNAL': _external}
+              b'EXTERNAL': _external, b'XOAUTH2': _xoauth2,
+              b'OAUTHBEARER': _oauthbearer}

@@ -9,7 +9,7 @@ import socket
 
 import gevent
 
-from . import auth, errors, limits, log, metrics, proxy, realip, upstream
+from . import auth, errors, limits, log, metrics, oauth, proxy, realip, upstream
 from . import ssl as tls
 from .protocols import PROTOCOLS
 from .stream import CLIENT, LineStream
@@ -176,11 +176,19 @@ def authenticate(s: Session) -> None:
         except errors.AuthFailed as exc:
             s.info('client login failed: "%s"' % exc.message)
             if not exc.wait and s.auth_method != 'none':   # a refused RCPT keeps the session
-                s.send(proto.auth_failed_reply(s, exc))
+                reject(s, exc)
                 raise errors.SessionDone()
             gevent.sleep(exc.wait)
-            s.send(proto.auth_failed_reply(s, exc))
+            reject(s, exc)
             proto.reset(s)
+
+
+def reject(s: Session, exc: errors.AuthFailed) -> None:
+    """The protocol's rejection reply; XOAUTH2 and OAUTHBEARER first send their error
+    challenge and read the client's answer (oauth.py)."""
+    if s.auth_method in oauth.METHODS:
+        oauth.error_challenge(s)
+    s.send(s.proto.auth_failed_reply(s, exc))
 
 
 def fail(s: Session, exc: errors.ProxyError) -> None:

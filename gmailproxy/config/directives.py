@@ -112,6 +112,7 @@ FEATURE_MODULES = (
     'gmailproxy.limits',
     'gmailproxy.metrics',
     'gmailproxy.accesslog',
+    'gmailproxy.oauth',
 )
 
 

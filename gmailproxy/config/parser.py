@@ -42,6 +42,10 @@ class ServerConf:
         pos = self._pos.get(name)
         return (pos[0], pos[1]) if pos else (self.file, self.line)
 
+    def written(self, name: str) -> bool:
+        """Was ``name`` set in the file (this server or ``mail {}``), not defaulted?"""
+        return name in self._pos
+
     def __repr__(self) -> str:
         return '<ServerConf %s %s:%s>' % (getattr(self, 'protocol', None), self.file,
                                           self.line)

@@ -5,7 +5,7 @@ OfflineIMAP send it first) and advertised while ``imap_id`` is on (the default).
 """
 import re
 
-from .. import errors, realip, sasl
+from .. import errors, oauth, realip, sasl
 from ..stream import redacted
 from ..config import values
 from ..config.directives import D, MAIL_SERVER
@@ -18,7 +18,9 @@ DIRECTIVES = [
     D('imap_client_buffer', MAIL_SERVER, '1', values.size, default=values.page_size),
     D('imap_capabilities', MAIL_SERVER, '1+', values.words, multi='extend',
       default=('IMAP4', 'IMAP4rev1', 'UIDPLUS')),
-    D('imap_auth', MAIL_SERVER, '1+', values.methods('plain', 'login', 'cram-md5', 'external'),
+    D('imap_auth', MAIL_SERVER, '1+',
+      values.methods('plain', 'login', 'cram-md5', 'external', 'xoauth2',
+                     'oauthbearer'),
       multi='extend', default=('plain',)),
     D('imap_id', MAIL_SERVER, '1', values.flag, default=True),
 ]
@@ -37,7 +39,9 @@ REPLIES = {
 }
 TAGGED = frozenset(('invalid', 'limit_login', 'limit_failures'))   # get the tag first
 AUTH_ORDER = (('plain', b'AUTH=PLAIN'), ('login', b'AUTH=LOGIN'),
-              ('cram-md5', b'AUTH=CRAM-MD5'), ('external', b'AUTH=EXTERNAL'))
+              ('cram-md5', b'AUTH=CRAM-MD5'), ('external', b'AUTH=EXTERNAL'),
+              ('xoauth2', b'AUTH=XOAUTH2'), ('oauthbearer', b'AUTH=OAUTHBEARER'))
+SASL_CHALLENGE = b'+ '
 MAX_ID_PAIRS = 30                     # RFC 2971
 
 _TAG = re.compile(rb'[A-Za-z0-9._-]{1,32} ')
@@ -233,7 +237,8 @@ def cmd_authenticate(s, args) -> bool:
     if _tls_required(s) or not 1 <= len(args) <= 2:
         raise BadCommand()
     sasl.run_mechanism(s, args[0], args[1] if len(args) == 2 else None, s.conf.imap_auth,
-                       lambda text: sasl.first_token(s.ask(b'+ ' + text + b'\r\n')))
+                       lambda text: sasl.first_token(
+                           s.ask(SASL_CHALLENGE + text + b'\r\n')))
     return True
 
 
@@ -255,6 +260,8 @@ def login_upstream(s, up) -> None:
         while line.startswith(b'* '):
             line = up.read_reply(s)
         up.check(s, line, line.startswith(tag))
+    if oauth.replays(s):
+        return oauth.imap_login(s, up, greeting)
     up.send(s, b'%sLOGIN {%d}\r\n' % (tag, len(login)), 'sending LOGIN command to upstream')
     ready = up.read_reply(s)
     up.check(s, ready, ready.startswith(b'+'))

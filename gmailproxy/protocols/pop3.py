@@ -3,7 +3,7 @@
 Beyond nginx: ``pop3_client_buffer`` (nginx's POP3 command buffer is fixed at 128 bytes,
 which rejects long user names and ``AUTH PLAIN`` responses; 128 stays the default).
 """
-from .. import errors, sasl
+from .. import errors, oauth, sasl
 from ..config import values
 from ..log import printable
 from ..config.directives import D, MAIL_SERVER
@@ -16,7 +16,8 @@ DIRECTIVES = [
     D('pop3_capabilities', MAIL_SERVER, '1+', values.words, multi='extend',
       default=('TOP', 'USER', 'UIDL')),
     D('pop3_auth', MAIL_SERVER, '1+',
-      values.methods('plain', 'apop', 'cram-md5', 'external'),
+      values.methods('plain', 'apop', 'cram-md5', 'external', 'xoauth2',
+                     'oauthbearer'),
       multi='extend', default=('plain',)),
     # Beyond nginx (whose POP3 buffer is fixed at 128 bytes).
     D('pop3_client_buffer', MAIL_SERVER, '1', values.size, default=128),
@@ -35,7 +36,9 @@ REPLIES = {
 }
 # SASL names in nginx's fixed order; LOGIN comes with ``plain``, APOP is never listed.
 AUTH_ORDER = (('plain', b'PLAIN'), ('plain', b'LOGIN'), ('cram-md5', b'CRAM-MD5'),
-              ('external', b'EXTERNAL'))
+              ('external', b'EXTERNAL'), ('xoauth2', b'XOAUTH2'),
+              ('oauthbearer', b'OAUTHBEARER'))
+SASL_CHALLENGE = b'+ '
 MAX_ARGS = 3                  # ngx_mail_pop3_parse_command
 COMMAND_LENGTH = 4
 
@@ -234,7 +237,7 @@ def cmd_auth(s, args) -> bool:
     if len(args) > 2:
         raise BadCommand()
     sasl.run_mechanism(s, args[0], args[1] if len(args) == 2 else None, s.conf.pop3_auth,
-                       lambda text: read_response(s, b'+ ' + text + b'\r\n'))
+                       lambda text: read_response(s, SASL_CHALLENGE + text + b'\r\n'))
     return True
 
 
@@ -251,6 +254,8 @@ def login_upstream(s, up) -> None:
         raise errors.UpstreamError('upstream POP3 credential contains CR or LF')
     greeting = up.read_reply(s)
     up.check(s, greeting, greeting.startswith(b'+OK'))
+    if oauth.replays(s):
+        return oauth.pop3_login(s, up)
     up.send(s, b'USER ' + login + b'\r\n', 'sending user name to upstream')
     answer = up.read_reply(s)
     up.check(s, answer, answer.startswith(b'+OK'))

@@ -9,7 +9,7 @@ import re
 
 from gevent import select
 
-from .. import errors, resolver, sasl
+from .. import errors, oauth, resolver, sasl
 from ..config import values
 from ..config.directives import D, MAIL_SERVER
 from ..errors import BadCommand
@@ -23,7 +23,8 @@ DIRECTIVES = [
     D('smtp_greeting_delay', MAIL_SERVER, '1', values.time_ms, default=0.0),
     D('smtp_capabilities', MAIL_SERVER, '1+', values.words, multi='extend', default=()),
     D('smtp_auth', MAIL_SERVER, '1+',
-      values.methods('plain', 'login', 'cram-md5', 'external', 'none'),
+      values.methods('plain', 'login', 'cram-md5', 'external', 'xoauth2', 'oauthbearer',
+                     'none'),
       multi='extend', default=('plain', 'login')),
 ]
 
@@ -45,8 +46,11 @@ REPLIES = {
     'auth_ok': b'235 2.0.0 OK\r\n',
 }
 AUTH_FAILED_CODE = b'535 5.7.0'
+OAUTH_FAILED_CODE = b'535 5.7.8'        # RFC 4954 "credentials invalid", as Gmail sends
 AUTH_ORDER = (('plain', b'PLAIN'), ('login', b'LOGIN'), ('cram-md5', b'CRAM-MD5'),
-              ('external', b'EXTERNAL'))
+              ('external', b'EXTERNAL'), ('xoauth2', b'XOAUTH2'),
+              ('oauthbearer', b'OAUTHBEARER'))
+SASL_CHALLENGE = b'334 '
 MAX_ARGS = 11
 
 # A verb: 4 letters or STARTTLS, ended by space, CR or LF (ngx_mail_smtp_parse_command).
@@ -82,8 +86,10 @@ def reply(s, key: str) -> bytes:
 
 
 def auth_failed_reply(s, exc: errors.AuthFailed) -> bytes:
-    """``<Auth-Error-Code or 535 5.7.0> <Auth-Status text>``."""
-    return ((exc.error_code or AUTH_FAILED_CODE) + b' '
+    """``<Auth-Error-Code or 535 5.7.0> <Auth-Status text>`` (XOAUTH2 and
+    OAUTHBEARER: 535 5.7.8)."""
+    default = OAUTH_FAILED_CODE if s.auth_method in oauth.METHODS else AUTH_FAILED_CODE
+    return ((exc.error_code or default) + b' '
             + exc.message.encode('utf-8', 'replace') + b'\r\n')
 
 
@@ -248,7 +254,7 @@ def cmd_auth(s, line, args) -> bool:
     if len(args) > 2:
         raise BadCommand()
     sasl.run_mechanism(s, args[0], args[1] if len(args) == 2 else None, s.conf.smtp_auth,
-                       lambda text: _answer(s, b'334 ' + text + b'\r\n'))
+                       lambda text: _answer(s, SASL_CHALLENGE + text + b'\r\n'))
     return True
 
 
@@ -300,7 +306,9 @@ def login_upstream(s, up) -> None:
         up.send(s, s.rcpt_to + b'\r\n', 'sending RCPT TO to upstream')
         s.send(up.read_reply(s, multiline=True))      # whatever it says, even 5xx
         return
-    if conf.proxy_smtp_auth:
+    if conf.proxy_smtp_auth and oauth.replays(s):
+        oauth.smtp_auth(s, up)
+    elif conf.proxy_smtp_auth:
         if s.passwd is None:
             s.action = 'sending AUTH to upstream'
             raise errors.UpstreamError('no password available')
