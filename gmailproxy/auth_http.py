@@ -42,12 +42,13 @@ def escape(value: bytes) -> bytes:
 
 
 class AuthResult:
-    __slots__ = ('servers', 'login', 'passwd', 'wait', 'error_code', 'user_and_pass')
+    __slots__ = ('servers', 'login', 'passwd', 'wait', 'error_code', 'user_and_pass', 'tls')
 
-    def __init__(self, servers, login, passwd, user_and_pass=False):
+    def __init__(self, servers, login, passwd, user_and_pass=False, tls=None):
         self.servers = servers          # [(sockaddr, name for logs)], tried in order
         self.login = login
         self.passwd = passwd
+        self.tls = tls                  # {b'auth-ssl-backend...': value} (backend_tls.py)
         self.user_and_pass = user_and_pass  # the answer had Auth-User and Auth-Pass
 
 
@@ -102,7 +103,7 @@ def interpret(s, url, headers) -> AuthResult | None:
     wait_status = False
     wait = 0
     servers, ports = [], []
-    login = passwd = None
+    login = passwd = tls = None
     for name, value in headers:
         name = name.lower()
         if name == b'auth-status':
@@ -113,9 +114,9 @@ def interpret(s, url, headers) -> AuthResult | None:
             else:
                 error = value
         elif name == b'auth-server':
-            servers.append(value)
+            servers += value.split(b',')            # a comma list: failover.py
         elif name == b'auth-port':
-            ports.append(value)
+            ports += value.split(b',')
         elif name == b'auth-user':
             login = value
         elif name == b'auth-pass':
@@ -125,6 +126,9 @@ def interpret(s, url, headers) -> AuthResult | None:
                 wait = int(value)
         elif name == b'auth-error-code':
             code = value
+        elif name.startswith(b'auth-ssl-backend'):  # backend_tls.py
+            tls = tls or {}
+            tls[name] = value
     if error is not None:
         raise errors.AuthFailed(error.decode('utf-8', 'replace'), wait=wait, error_code=code)
     if wait_status:
@@ -141,10 +145,12 @@ def interpret(s, url, headers) -> AuthResult | None:
         s.passwd = None             # the client's digest is no password (nginx)
     if s.passwd is None and s.proto.NAME != 'smtp':
         raise errors.AuthServiceError('auth http server %s did not send password' % where)
+    if len(ports) == 1 < len(servers):
+        ports *= len(servers)                   # one port for every server listed
     targets = []
     for server, port in zip(servers, ports):
-        targets.append(backend_address(s, where, server, port))
-    return AuthResult(targets, s.login, s.passwd,
+        targets.append(backend_address(s, where, server.strip(), port.strip()))
+    return AuthResult(targets, s.login, s.passwd, tls=tls,
                       user_and_pass=login is not None and passwd is not None)
 
 

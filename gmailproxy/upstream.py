@@ -10,7 +10,7 @@ import socket
 
 from gevent.socket import wait_write
 
-from . import errors, realip
+from . import backend_tls, errors, failover, realip
 from .config import values
 from .config.directives import D, MAIL_SERVER
 from .stream import UPSTREAM, LineStream, os_error_text
@@ -28,12 +28,13 @@ DIRECTIVES = [
 
 class Upstream:
     """The backend connection during login: a line stream plus reply checks."""
-    __slots__ = ('sock', 'stream', 'name')
+    __slots__ = ('sock', 'stream', 'name', 'tls')
 
     def __init__(self, sock, limit: int, name: str):
         self.sock = sock
         self.stream = LineStream(sock, limit, UPSTREAM)
         self.name = name
+        self.tls = None                 # None, 'on' or 'starttls' (backend_tls.py)
 
     def send(self, s, data: bytes, action: str) -> None:
         s.action = action
@@ -66,16 +67,23 @@ class Upstream:
 
 
 def connect(s) -> Upstream:
-    """Connect to the first reachable backend the auth answer named."""
+    """Connect to the first reachable backend the auth answer named (failover.py)."""
     conf = s.conf
+    fo = conf.failover                  # None unless a failover directive is set
     last_error = None
-    for sockaddr, family, name in s.auth.servers:
+    for sockaddr, family, name in s.auth.servers if fo is None else \
+            failover.order(s.auth.servers, fo):
+        if last_error is not None:
+            s.error(last_error.message)     # each failed try, as nginx logs one
         s.upstream_name = name
         s.action = 'connecting to upstream'
         sock = socket.socket(family, socket.SOCK_STREAM)
         s.upstream_sock = sock
         try:
-            connect_socket(sock, sockaddr)
+            if fo is None:
+                connect_socket(sock, sockaddr)
+            else:
+                failover.connect(s, connect_socket, sock, sockaddr, name)
         except OSError as exc:
             sock.close()
             last_error = errors.UpstreamError('connect() to %s failed (%d: %s)'
@@ -83,7 +91,10 @@ def connect(s) -> Upstream:
             continue
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         realip.send_backend_header(s, sock)     # proxy_protocol on|v2
-        return Upstream(sock, conf.proxy_buffer, name)
+        up = Upstream(sock, conf.proxy_buffer, name)
+        if conf.proxy_ssl != 'off' or s.auth.tls:
+            backend_tls.begin(s, up)    # sets up.tls; with "on", the TLS handshake
+        return up
     raise last_error
 
 

@@ -108,6 +108,8 @@ FEATURE_MODULES = (
     'gmailproxy.auth_users',
     'gmailproxy.auth_hook',
     'gmailproxy.upstream',
+    'gmailproxy.backend_tls',
+    'gmailproxy.failover',
     'gmailproxy.realip',
     'gmailproxy.limits',
     'gmailproxy.metrics',

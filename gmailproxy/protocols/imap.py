@@ -5,7 +5,7 @@ OfflineIMAP send it first) and advertised while ``imap_id`` is on (the default).
 """
 import re
 
-from .. import errors, oauth, realip, sasl
+from .. import backend_tls, errors, oauth, realip, sasl
 from ..stream import redacted
 from ..config import values
 from ..config.directives import D, MAIL_SERVER
@@ -253,6 +253,8 @@ def login_upstream(s, up) -> None:
     tag, login, passwd = s.tag, s.login, s.passwd or b''
     greeting = up.read_reply(s)
     up.check(s, greeting, greeting.startswith(b'* OK'))
+    if up.tls == 'starttls':
+        backend_tls.starttls(s, up)         # STARTTLS to the backend
     if s.conf.imap_forward_client_id:
         # Beyond nginx: the client's address in ID; any tagged answer will do.
         up.send(s, realip.imap_id_command(s, tag), 'sending ID to upstream')

@@ -3,7 +3,7 @@
 Beyond nginx: ``pop3_client_buffer`` (nginx's POP3 command buffer is fixed at 128 bytes,
 which rejects long user names and ``AUTH PLAIN`` responses; 128 stays the default).
 """
-from .. import errors, oauth, sasl
+from .. import backend_tls, errors, oauth, sasl
 from ..config import values
 from ..log import printable
 from ..config.directives import D, MAIL_SERVER
@@ -254,6 +254,8 @@ def login_upstream(s, up) -> None:
         raise errors.UpstreamError('upstream POP3 credential contains CR or LF')
     greeting = up.read_reply(s)
     up.check(s, greeting, greeting.startswith(b'+OK'))
+    if up.tls == 'starttls':
+        backend_tls.starttls(s, up)         # STARTTLS to the backend
     if oauth.replays(s):
         return oauth.pop3_login(s, up)
     up.send(s, b'USER ' + login + b'\r\n', 'sending user name to upstream')

@@ -9,7 +9,7 @@ import re
 
 from gevent import select
 
-from .. import errors, oauth, resolver, sasl
+from .. import backend_tls, errors, oauth, resolver, sasl
 from ..config import values
 from ..config.directives import D, MAIL_SERVER
 from ..errors import BadCommand
@@ -292,6 +292,8 @@ def login_upstream(s, up) -> None:
     conf = s.conf
     greeting = up.read_reply(s, multiline=True)
     up.check(s, greeting, greeting.startswith(b'220'))
+    if up.tls == 'starttls':
+        backend_tls.starttls(s, up)         # STARTTLS to the backend
     verb = b'EHLO ' if s.esmtp or conf.xclient else b'HELO '
     _step(s, up, verb + conf.server_name.encode() + b'\r\n',
           'sending HELO/EHLO to upstream', (b'250',))
