@@ -27,6 +27,8 @@ DIRECTIVES = [
     D('auth_http_keepalive', MAIL_SERVER, '1', values.number_or_off, default=32),
 ]
 
+MAX_ATOI = 2 ** 63 - 1          # NGX_MAX_INT_T_VALUE
+MAX_WAIT = 2 ** 31              # seconds; longer than any session lives anyway
 RESPONSE_LIMIT = 1024          # nginx's buffer for the status line and headers
 WAIT_WITHOUT_DELAY = 1.0       # WAIT with no positive Auth-Wait: retry after this (nginx: 0)
 
@@ -82,7 +84,7 @@ def build_request(s, url) -> bytes:
     if s.tls:
         lines.append(tls.auth_headers(s))
     for name, value in conf.auth_http_header:
-        lines += [name.encode(), b': ', value.encode(), b'\r\n']
+        lines += [name.encode('utf-8', 'surrogateescape'), b': ', value.encode('utf-8', 'surrogateescape'), b'\r\n']
     lines.append(b'\r\n')
     return b''.join(lines)
 
@@ -122,8 +124,9 @@ def interpret(s, url, headers) -> AuthResult | None:
         elif name == b'auth-pass':
             passwd = value
         elif name == b'auth-wait':
-            if value.isdigit():
-                wait = int(value)
+            # nginx's ngx_atoi: digits that fit, else ignored; capped so a timer can hold it
+            if value.isdigit() and int(value) <= MAX_ATOI:
+                wait = min(int(value), MAX_WAIT)
         elif name == b'auth-error-code':
             code = value
         elif name.startswith(b'auth-ssl-backend'):  # backend_tls.py
@@ -199,7 +202,7 @@ class _Parsed:
         self.parser = httptools.HttpResponseParser(self)
 
     def on_header(self, name, value):
-        self.headers.append((name, value))
+        self.headers.append((name, value.rstrip(b' ')))   # nginx trims trailing spaces
 
     def on_headers_complete(self):
         self.headers_done = True

@@ -137,7 +137,7 @@ def make_salt(server_name: str) -> bytes:
     and the Mersenne Twister behind ``random`` can be predicted from its outputs.
     """
     return b'<%d.%d@%s>' % (secrets.randbits(31), int(time.time()),
-                             server_name.encode())
+                             server_name.encode('utf-8', 'surrogateescape'))
 
 
 def cram_md5_digest(salt: bytes, password: bytes) -> bytes:

@@ -13,6 +13,7 @@ from gevent.socket import wait_write
 from . import backend_tls, errors, failover, realip
 from .config import values
 from .config.directives import D, MAIL_SERVER
+from .log import printable
 from .stream import UPSTREAM, LineStream, os_error_text
 
 DIRECTIVES = [
@@ -59,7 +60,7 @@ class Upstream:
         """Raise the nginx failure for a reply that failed its check (proxy.md section 3)."""
         if ok:
             return reply
-        first = reply.split(b'\n', 1)[0].rstrip(b'\r').decode('latin-1')
+        first = printable(reply.split(b'\n', 1)[0].rstrip(b'\r'))   # no forged log lines
         message = 'upstream sent invalid response: "%s"' % first
         if s.conf.proxy_pass_error_message:
             raise errors.UpstreamRejected(message, reply, level=logging.INFO)

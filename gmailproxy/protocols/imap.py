@@ -63,7 +63,7 @@ def finalize(conf) -> None:
     words = list(conf.imap_capabilities)
     if conf.imap_id and 'ID' not in (w.upper() for w in words):
         words.append('ID')
-    base = b'* CAPABILITY' + b''.join(b' ' + w.encode() for w in words)
+    base = b'* CAPABILITY' + b''.join(b' ' + w.encode('utf-8', 'surrogateescape') for w in words)
     auth = b''.join(b' ' + name for method, name in AUTH_ORDER if method in conf.imap_auth)
     conf.imap_capability = base + auth + b'\r\n'
     conf.imap_starttls_capability = base + auth + b' STARTTLS\r\n'
@@ -237,9 +237,15 @@ def cmd_authenticate(s, args) -> bool:
     if _tls_required(s) or not 1 <= len(args) <= 2:
         raise BadCommand()
     sasl.run_mechanism(s, args[0], args[1] if len(args) == 2 else None, s.conf.imap_auth,
-                       lambda text: sasl.first_token(
-                           s.ask(SASL_CHALLENGE + text + b'\r\n')))
+                       lambda text: _answer(s, SASL_CHALLENGE + text + b'\r\n'))
     return True
+
+
+def _answer(s, challenge: bytes) -> bytes:
+    try:
+        return sasl.first_token(s.ask(challenge))
+    except errors.TooLong:          # a SASL response: never quoted in the log
+        raise errors.TooLong('client sent too long command "..."') from None
 
 
 COMMANDS = {b'CAPABILITY': cmd_capability, b'NOOP': cmd_noop, b'LOGOUT': cmd_logout,

@@ -50,7 +50,7 @@ def client_buffer(conf) -> int:
 def finalize(conf) -> None:
     """Build the CAPA variants and the AUTH list once (pop3.md section 4)."""
     head = b'+OK Capability list follows\r\n'
-    words = [w.encode() for w in conf.pop3_capabilities]
+    words = [w.encode('utf-8', 'surrogateescape') for w in conf.pop3_capabilities]
     listed = b''.join(w + b'\r\n' for w in words)
     names = [name for method, name in AUTH_ORDER if method in conf.pop3_auth]
     sasl_line = b'SASL' + b''.join(b' ' + name for name in names) + b'\r\n'

@@ -65,8 +65,9 @@ def client_buffer(conf) -> int:
 
 def finalize(conf) -> None:
     """Greeting, HELO reply and the three EHLO replies, built once (smtp.md 6)."""
-    name = conf.server_name.encode()
-    caps = [name] + [word.encode() for word in conf.smtp_capabilities]
+    # configuration text keeps non-UTF-8 bytes as surrogates: give them back as bytes
+    name = conf.server_name.encode('utf-8', 'surrogateescape')
+    caps = [name] + [word.encode('utf-8', 'surrogateescape') for word in conf.smtp_capabilities]
     methods = [word for method, word in AUTH_ORDER if method in conf.smtp_auth]
     auth = [b'AUTH ' + b' '.join(methods)] if methods else []
     conf.smtp_greeting = b'220 ' + name + b' ESMTP ready\r\n'
@@ -295,7 +296,7 @@ def login_upstream(s, up) -> None:
     if up.tls == 'starttls':
         backend_tls.starttls(s, up)         # STARTTLS to the backend
     verb = b'EHLO ' if s.esmtp or conf.xclient else b'HELO '
-    _step(s, up, verb + conf.server_name.encode() + b'\r\n',
+    _step(s, up, verb + conf.server_name.encode('utf-8', 'surrogateescape') + b'\r\n',
           'sending HELO/EHLO to upstream', (b'250',))
     if conf.xclient:
         _step(s, up, xclient_line(s), 'sending XCLIENT to upstream', (b'220', b'250'))

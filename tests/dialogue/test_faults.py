@@ -259,11 +259,7 @@ CLIENT_CASES = [
      r'login: "victim", upstream: 127\.0\.0\.1:\d+, bytes from client: 10'),
 ]
 
-KNOWN_BUGS = {
-    'auth-wait-huge': 'Auth-Wait of 400 digits: gevent.sleep raises OverflowError, the '
-                      'session ends in "internal error" [alert] (fix: auth_http.interpret '
-                      'ignores an Auth-Wait that does not fit, as nginx ngx_atoi does)',
-}
+KNOWN_BUGS = {}      # name -> reason; the case is then xfail(strict=True)
 
 
 def run_case(env, no_leaks, setup, client, reply, log):

@@ -63,19 +63,24 @@ SEEDS = {
 
 
 def _dns_seeds():
+    """Answers as ``targets.wrap_dns_answer`` takes them: two header bytes (question,
+    rcode, counts), then the records of a real response."""
     import dns.message
     import dns.rrset
     out = []
-    q = dns.message.make_query('7.0.2.192.in-addr.arpa.', 'PTR')
-    r = dns.message.make_response(q)
-    r.answer.append(dns.rrset.from_text('7.0.2.192.in-addr.arpa.', 300, 'IN', 'PTR',
-                                        'host.example.'))
-    out.append(r.to_wire())
-    q = dns.message.make_query('host.example.', 'A')
-    r = dns.message.make_response(q)
-    r.answer.append(dns.rrset.from_text('host.example.', 300, 'IN', 'CNAME', 'h2.example.'))
-    r.answer.append(dns.rrset.from_text('h2.example.', 60, 'IN', 'A', '192.0.2.7'))
-    out.append(r.to_wire())
+    for first, qname, rdtype, records in (
+            (0, '7.0.2.192.in-addr.arpa.', 'PTR', [('PTR', 'host.example.')]),
+            (4, 'host.example.', 'A', [('CNAME', 'h2.example.'), ('A', '192.0.2.7')]),
+            (5, 'host.example.', 'AAAA', [('AAAA', '2001:db8::7')])):
+        response = dns.message.make_response(dns.message.make_query(qname, rdtype))
+        owner = qname
+        for kind, value in records:
+            response.answer.append(dns.rrset.from_text(owner, 300, 'IN', kind, value))
+            if kind == 'CNAME':
+                owner = value
+        wire = response.to_wire()
+        question = len(dns.message.make_query(qname, rdtype).to_wire())
+        out.append(bytes((first, len(records))) + wire[question:])
     return out
 
 
@@ -89,6 +94,8 @@ def entry(name):
     if name == 'smtp':          # the first byte picks the server: smtp_auth none or not
         return lambda data: data and targets.check_dialogue(
             'smtp_none' if data[0] & 1 else 'smtp', data[1:])
+    if name == 'dns':           # the first two bytes make a matching header
+        return lambda data: targets.check_dns_answer(targets.wrap_dns_answer(data))
     if name in ('imap', 'pop3'):
         return lambda data: targets.check_dialogue(name, data)
     return getattr(targets, 'check_' + {'auth_http': 'auth_response',
