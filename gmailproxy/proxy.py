@@ -88,7 +88,7 @@ def _run(a: '_Direction', b: '_Direction', timeout: float) -> bool:
                 idle = loop.now() - (a.last if a.last > b.last else b.last)
                 if idle >= timeout:
                     return True
-                timer.stop()
+                timer.close()
                 timer = loop.timer(timeout - idle)
                 timer.start(wake, 2)
             elif directions[ready].step():
@@ -205,7 +205,7 @@ class _Direction:
         Small reads go through a scratch buffer shared by every session (``_flush``
         copies what it cannot write at once). Once a read fills a whole chunk, bulk
         has started: plain-to-plain then splices until the reads get small again."""
-        if self.pipe is not None or (self.bulk and self.src_tls is self.dst_tls is None):
+        if self.bulk and self.src_tls is None and self.dst_tls is None:
             return self._splice_in()
         buf = _scratch(self.size)
         self.asked = self.size

@@ -109,10 +109,11 @@ class Service:
                            first.addr_text)
                 return
             try:
-                listen = route(sock.getsockname())
+                local = sock.getsockname()
+                listen = route(local)
             except OSError:
                 return
-            session.handle(sock, peer, listen)
+            session.handle(sock, peer, listen, local)
         return handle
 
     def start(self) -> None:

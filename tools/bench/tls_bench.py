@@ -105,7 +105,8 @@ def start(b, label, template, cmd, workers):
             sys.stderr.write(f.read()[-2000:])
         raise
     time.sleep(0.3)
-    return {'label': label, 'svc': svc, 'port': ports[1], 'workers': workers}
+    return {'label': label, 'svc': svc, 'port': ports[1], 'imap_port': ports[0],
+            'workers': workers}
 
 
 def run_load(b, loadgen, t, argv, timeout):
@@ -152,26 +153,29 @@ def rows(res):
     return out
 
 
-def best(rounds):
-    """Per row, the best round (as the harness's default)."""
+def best(rounds, rows_of=None):
+    """Per row, the best round (as the harness's default); errors: the worst round."""
+    rows_of = rows_of or rows
     table = {}
     for res in rounds:
-        for name, better, value in rows(res):
+        for name, better, value in rows_of(res):
             if value is None:
                 continue
             old = table.get(name)
-            if old is None or (value > old[1] if better == 'higher' else value < old[1]):
+            if name == 'T errors':
+                better_now = old is None or value > old[1]
+            else:
+                better_now = old is None or (value > old[1] if better == 'higher'
+                                             else value < old[1])
+            if better_now:
                 table[name] = (better, value)
-    if 'T errors' in table:     # errors: the worst round, not the best
-        table['T errors'] = ('lower', max(v for n, _, v in
-                                          (r for res in rounds for r in rows(res))
-                                          if n == 'T errors'))
     return table
 
 
-def print_table(workers, nginx, contender, out=sys.stdout):
-    print('\n== IMAPS, worker_processes = %d ==' % workers, file=out)
-    head = ('metric', 'better', 'nginx w%d' % workers, 'gmailproxy w%d' % workers,
+def print_table(workers, nginx, contender, title='IMAPS', nginx_label='nginx',
+                out=sys.stdout):
+    print('\n== %s, worker_processes = %d ==' % (title, workers), file=out)
+    head = ('metric', 'better', '%s w%d' % (nginx_label, workers), 'gmailproxy w%d' % workers,
             'contender/nginx')
     lines = [head]
     for name in nginx:
