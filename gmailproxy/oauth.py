@@ -131,9 +131,9 @@ def _smtp_continue(reply: bytes) -> bool:
     return reply.startswith(b'334')
 
 
-def imap_login(s, up, greeting: bytes) -> None:
-    """``AUTHENTICATE`` under the client's tag instead of ``LOGIN``; the backend's
-    untagged lines and its tagged OK are relayed to the client (imap.login_upstream)."""
+def imap_login(s, up, greeting: bytes) -> bytes:
+    """``AUTHENTICATE`` under the client's tag instead of ``LOGIN``; returns the backend's
+    first line after the exchange, which imap.login_upstream relays with the rest."""
     tag, name = s.tag, METHODS[s.auth_method]
     response = initial_response(s)
     action = 'sending AUTHENTICATE command to upstream'
@@ -144,16 +144,7 @@ def imap_login(s, up, greeting: bytes) -> None:
         ready = up.read_reply(s)
         up.check(s, ready, _imap_continue(ready))
         up.send(s, response + b'\r\n', 'sending token to upstream')
-    line = _answer(s, up, _imap_continue)
-    relayed = b''
-    while line.startswith(b'* '):
-        relayed += line
-        if len(relayed) > s.conf.proxy_buffer:
-            raise errors.UpstreamError('upstream sent too long response line: "%s"'
-                                       % relayed[:64].decode('latin-1'))
-        line = up.read_reply(s)
-    up.check(s, relayed + line, line.startswith(tag + b'OK'))
-    s.send(relayed + line)
+    return _answer(s, up, _imap_continue)
 
 
 def pop3_login(s, up) -> None:

@@ -13,7 +13,7 @@ import re
 import secrets
 import time
 
-from .errors import BadCommand
+from .errors import BadCommand, TooLong
 
 # Everything before the first '=' must be from the base64 alphabet (ngx_decode_base64).
 _B64_BODY = re.compile(rb'[A-Za-z0-9+/]*')
@@ -225,6 +225,15 @@ def encode_oauthbearer(user: bytes, token: bytes) -> bytes:
 
 
 # --- the mechanism dialogues, shared by IMAP AUTHENTICATE, POP3 AUTH and SMTP AUTH -----
+
+def answer(s, challenge: bytes) -> bytes:
+    """Send a challenge; the first token of the client's answer. A too long answer is
+    logged as "...": it is base64 credentials."""
+    try:
+        return first_token(s.ask(challenge))
+    except TooLong:
+        raise TooLong('client sent too long command "..."') from None
+
 
 def run_mechanism(s, mechanism: bytes, initial: bytes | None, enabled, ask) -> None:
     """One SASL exchange (common.md section 4): sets ``s.login``, ``s.passwd`` and

@@ -237,15 +237,8 @@ def cmd_authenticate(s, args) -> bool:
     if _tls_required(s) or not 1 <= len(args) <= 2:
         raise BadCommand()
     sasl.run_mechanism(s, args[0], args[1] if len(args) == 2 else None, s.conf.imap_auth,
-                       lambda text: _answer(s, SASL_CHALLENGE + text + b'\r\n'))
+                       lambda text: sasl.answer(s, SASL_CHALLENGE + text + b'\r\n'))
     return True
-
-
-def _answer(s, challenge: bytes) -> bytes:
-    try:
-        return sasl.first_token(s.ask(challenge))
-    except errors.TooLong:          # a SASL response: never quoted in the log
-        raise errors.TooLong('client sent too long command "..."') from None
 
 
 COMMANDS = {b'CAPABILITY': cmd_capability, b'NOOP': cmd_noop, b'LOGOUT': cmd_logout,
@@ -269,7 +262,7 @@ def login_upstream(s, up) -> None:
             line = up.read_reply(s)
         up.check(s, line, line.startswith(tag))
     if oauth.replays(s):
-        return oauth.imap_login(s, up, greeting)
+        return relay_final_reply(s, up, tag, oauth.imap_login(s, up, greeting))
     up.send(s, b'%sLOGIN {%d}\r\n' % (tag, len(login)), 'sending LOGIN command to upstream')
     ready = up.read_reply(s)
     up.check(s, ready, ready.startswith(b'+'))
@@ -277,8 +270,13 @@ def login_upstream(s, up) -> None:
     ready = up.read_reply(s)
     up.check(s, ready, ready.startswith(b'+'))
     up.send(s, passwd + b'\r\n', 'sending password to upstream')
+    relay_final_reply(s, up, tag, up.read_reply(s))
+
+
+def relay_final_reply(s, up, tag: bytes, line: bytes) -> None:
+    """Relay the backend's untagged lines and its tagged OK to the client (imap.md
+    section 6; any number of untagged lines, e.g. Dovecot's CAPABILITY)."""
     relayed = b''
-    line = up.read_reply(s)
     while line.startswith(b'* '):
         relayed += line
         if len(relayed) > s.conf.proxy_buffer:

@@ -255,15 +255,8 @@ def cmd_auth(s, line, args) -> bool:
     if len(args) > 2:
         raise BadCommand()
     sasl.run_mechanism(s, args[0], args[1] if len(args) == 2 else None, s.conf.smtp_auth,
-                       lambda text: _answer(s, SASL_CHALLENGE + text + b'\r\n'))
+                       lambda text: sasl.answer(s, SASL_CHALLENGE + text + b'\r\n'))
     return True
-
-
-def _answer(s, challenge: bytes) -> bytes:
-    try:
-        return sasl.first_token(s.ask(challenge))
-    except errors.TooLong:          # a SASL response: never quoted in the log
-        raise errors.TooLong('client sent too long command "..."') from None
 
 
 COMMANDS = {b'HELO': cmd_helo, b'EHLO': cmd_ehlo, b'AUTH': cmd_auth, b'MAIL': cmd_mail,
