@@ -142,8 +142,9 @@ class _Loader:
         try:
             with open(path, 'rb') as f:
                 data = f.read()
-        except OSError as e:
-            reason = '(%d: %s)' % (e.errno, os.strerror(e.errno)) if e.errno else str(e)
+        except (OSError, ValueError) as e:       # ValueError: a NUL in the name
+            errno_ = getattr(e, 'errno', None)
+            reason = '(%d: %s)' % (errno_, os.strerror(errno_)) if errno_ else '(%s)' % e
             raise error('open() "%s" failed %s' % (path, reason), at_file, at_line) from None
         self.config.texts.setdefault(path, data)
         self.parse(tokenize(data, path), path, kind, level, False)

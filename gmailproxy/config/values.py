@@ -223,6 +223,8 @@ def resolver(args, ctx) -> Resolver | None:
                 url = address.parse_url(word, default_port=53, cache=ctx.cache)
             except UrlError as e:
                 raise ValueError('%s in resolver "%s"' % (e, word)) from None
+            if not url.ports:                    # unix: has no port: not a name server
+                raise ValueError('invalid value "%s" in resolver' % word)
             servers += [(ip, url.ports[0]) for _, ip in url.addrs]
     if not opts.get('ipv4', True) and not opts.get('ipv6', True):
         raise ValueError('"ipv4" and "ipv6" cannot both be "off"')

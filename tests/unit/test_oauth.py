@@ -226,29 +226,35 @@ def replaying(method='xoauth2', login=b'alice@example.com', passwd=TOKEN, tag=b'
     return s
 
 
+def imap_login(s, up, greeting):
+    """The OAuth replay as imap.login_upstream runs it: the exchange, then the relay."""
+    from gmailproxy.protocols import imap
+    imap.relay_final_reply(s, up, s.tag, oauth.imap_login(s, up, greeting))
+
+
 def test_imap_sasl_ir_only_when_the_greeting_announces_it():
     s, up = replaying(), Up([b'a1 OK done\r\n'])
-    oauth.imap_login(s, up, b'* OK [CAPABILITY IMAP4rev1 SASL-IR] hi\r\n')
+    imap_login(s, up, b'* OK [CAPABILITY IMAP4rev1 SASL-IR] hi\r\n')
     assert up.sent == [b'a1 AUTHENTICATE XOAUTH2 ' + XO + b'\r\n']
     assert s.sent == [b'a1 OK done\r\n']
     s, up = replaying(), Up([b'+ \r\n', b'a1 OK done\r\n'])
-    oauth.imap_login(s, up, b'* OK SASL-IR outside a capability list\r\n')
+    imap_login(s, up, b'* OK SASL-IR outside a capability list\r\n')
     assert up.sent == [b'a1 AUTHENTICATE XOAUTH2\r\n', XO + b'\r\n']
 
 
 def test_imap_untagged_lines_are_relayed_within_proxy_buffer():
     s, up = replaying(), Up([b'* CAPABILITY X\r\n', b'a1 OK done\r\n'])
-    oauth.imap_login(s, up, b'* OK [CAPABILITY SASL-IR]\r\n')
+    imap_login(s, up, b'* OK [CAPABILITY SASL-IR]\r\n')
     assert s.sent == [b'* CAPABILITY X\r\na1 OK done\r\n']
     s, up = replaying(), Up([b'* ' + b'x' * 5000 + b'\r\n', b'a1 OK done\r\n'])
     with pytest.raises(errors.UpstreamError, match='upstream sent too long response'):
-        oauth.imap_login(s, up, b'* OK [CAPABILITY SASL-IR]\r\n')
+        imap_login(s, up, b'* OK [CAPABILITY SASL-IR]\r\n')
 
 
 def test_imap_backend_without_continuation_is_rejected():
     s, up = replaying(), Up([b'a1 BAD no\r\n'])
     with pytest.raises(errors.UpstreamRejected):
-        oauth.imap_login(s, up, b'* OK ready\r\n')
+        imap_login(s, up, b'* OK ready\r\n')
     assert up.sent == [b'a1 AUTHENTICATE XOAUTH2\r\n']
 
 

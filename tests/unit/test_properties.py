@@ -57,6 +57,14 @@ def test_config_non_utf8_string_directive(directive):
                          b' server { listen 127.0.0.1:1143; protocol imap; } }')
 
 
+def test_config_include_name_with_nul():
+    targets.check_config(b'events { }\nmail { include a\x00b; }')
+
+
+def test_config_resolver_unix_url():
+    targets.check_config(b'events { }\nmail { resolver unix:/run/dns.sock; }')
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(CONF_PIECES, max_size=40).map(b''.join))
 @example(b'events {} mail { include /etc/*; }')

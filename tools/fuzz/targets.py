@@ -200,8 +200,11 @@ def check_config(data: bytes) -> None:
         parser.load('mail.conf', prefix=_conf_dir)
     except ConfigError:
         pass
-    except UnicodeEncodeError:
-        if not TOLERATE_KNOWN:          # a non-UTF-8 byte in a string directive
+    except ValueError as exc:
+        if not (TOLERATE_KNOWN and 'null byte' in str(exc)):   # NUL in a file name
+            raise
+    except IndexError:
+        if not (TOLERATE_KNOWN and b'unix:' in data):          # resolver unix:...
             raise
     finally:
         root.setLevel(level)
