@@ -204,7 +204,7 @@ def check_config(data: bytes) -> None:
         if not (TOLERATE_KNOWN and 'null byte' in str(exc)):   # NUL in a file name
             raise
     except IndexError:
-        if not (TOLERATE_KNOWN and b'unix:' in data):          # resolver unix:...
+        if not (TOLERATE_KNOWN and b'unix:' in data.lower()):  # resolver unix:...
             raise
     finally:
         root.setLevel(level)
