@@ -1,13 +1,11 @@
 """IMAP failure paths: each ends with the right line, the right log message, no leaks."""
-import gc
-import os
 import re
 import socket
 
 import gevent
 import pytest
-from gevent.server import StreamServer
 
+from tests.support.faults import no_leaks, scripted  # noqa: F401 (fixtures)
 from tests.support.net import free_port
 
 CONF = '''
@@ -21,72 +19,6 @@ mail {
 }
 '''
 INTERNAL = b'* BAD internal server error\r\n'
-
-
-def live_greenlets() -> int:
-    """gevent greenlets alive (the hub and the resolver's worker threads are not counted:
-    the test client's getaddrinfo runs there and that pool shrinks on its own schedule)."""
-    return sum(1 for o in gc.get_objects() if isinstance(o, gevent.Greenlet) and not o.dead)
-
-
-def open_fds() -> int:
-    return len(os.listdir('/proc/self/fd'))
-
-
-class NoLeaks:
-    """Counts live greenlets and open descriptors when ``mark()`` is called (after the
-    servers started) and checks at the end of the test that the sessions left nothing."""
-
-    def __init__(self):
-        self.before = None
-
-    def mark(self):
-        gc.collect()
-        self.before = (live_greenlets(), open_fds())
-
-    def check(self):
-        def settled():
-            gc.collect()
-            now = (live_greenlets(), open_fds())
-            return now[0] <= self.before[0] and now[1] <= self.before[1]
-        with gevent.Timeout(3, False):
-            while not settled():
-                gevent.sleep(0.05)
-        gc.collect()
-        assert settled(), "leak: before %r, after %r" % (self.before,
-                                                         (live_greenlets(), open_fds()))
-
-
-@pytest.fixture
-def no_leaks():
-    leaks = NoLeaks()
-    yield leaks
-    if leaks.before is not None:
-        leaks.check()
-
-
-class Scripted:
-    """A TCP server running ``script(sock)`` per connection (backend or auth faults)."""
-
-    def __init__(self, script):
-        self.server = StreamServer(('127.0.0.1', 0), lambda sock, addr: script(sock))
-        self.server.start()
-        self.port = self.server.server_port
-
-    def stop(self):
-        self.server.stop(timeout=1)
-
-
-@pytest.fixture
-def scripted():
-    made = []
-
-    def make(script):
-        made.append(Scripted(script))
-        return made[-1]
-    yield make
-    for server in made:
-        server.stop()
 
 
 def login(proxy, expected: bytes, leaks=None):
