@@ -14,6 +14,7 @@ import httptools
 
 from . import errors, realip, resolver
 from . import ssl as tls
+from . import log
 from .config import values
 from .config.directives import D, MAIL_SERVER
 from .stream import os_error_text, send_all
@@ -194,12 +195,15 @@ def _resolve(s, name: str):
 
 
 class _Parsed:
-    __slots__ = ('headers', 'headers_done', 'complete', 'keep_alive', 'parser')
+    __slots__ = ('headers', 'headers_done', 'complete', 'keep_alive', 'parser', 'status')
 
     def __init__(self):
         self.headers = []
-        self.headers_done = self.complete = self.keep_alive = False
+        self.headers_done = self.complete = self.keep_alive = self.status = False
         self.parser = httptools.HttpResponseParser(self)
+
+    def on_status(self, status):
+        self.status = True          # the status line is in: what fails now is a header
 
     def on_header(self, name, value):
         self.headers.append((name, value.rstrip(b' ')))   # nginx trims trailing spaces
@@ -243,7 +247,11 @@ class _Stale(Exception):
 
 
 def _connect(url):
-    sock = socket.socket(url.family, socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(url.family, socket.SOCK_STREAM)
+    except OSError as exc:                  # EMFILE, ENFILE, ENOBUFS: nginx logs alert
+        raise errors.AuthServiceError(os_error_text('socket', exc),
+                                      level=log.ALERT) from None
     try:
         sock.connect(url.sockaddr)
     except OSError as exc:
@@ -277,12 +285,12 @@ def _roundtrip(url, sock, request, keepalive, pool, reused):
         sock.close()
         if received == 0 and reused:
             raise _Stale() from None
-        raise errors.AuthServiceError('%s while talking to auth http server %s'
-                                      % (os_error_text('recv', exc), url.addr_text)) from None
+        raise errors.AuthServiceError(os_error_text('recv', exc)) from None
     except httptools.HttpParserError:
         sock.close()
-        raise errors.AuthServiceError('auth http server %s sent invalid response'
-                                      % url.addr_text) from None
+        what = 'invalid header in response' if parsed.status else 'invalid response'
+        raise errors.AuthServiceError('auth http server %s sent %s'
+                                      % (url.addr_text, what)) from None
     except BaseException:
         sock.close()
         raise

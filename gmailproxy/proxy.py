@@ -242,7 +242,11 @@ class _Direction:
 
     def _splice_in(self) -> int | None:
         if self.pipe is None:
-            self.pipe = _pipes.pop() if _pipes else _new_pipe()
+            try:
+                self.pipe = _pipes.pop() if _pipes else _new_pipe()
+            except OSError:             # EMFILE, ENFILE: copy through the buffer instead
+                self.bulk = False
+                return self._read()
         try:
             n = os.splice(self.src_fd, self.pipe[1], self.splice_size, flags=_SPLICE_FLAGS)
         except BlockingIOError:

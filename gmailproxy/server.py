@@ -14,6 +14,7 @@ on error log ``[emerg]`` and keep serving the old configuration), USR1 reopen th
 The ``pid`` file is written only when the ``pid`` directive names one, and removed at
 exit.
 """
+import errno
 import logging
 import os
 import signal
@@ -79,6 +80,35 @@ def log_error_text(e: Exception) -> str:
     return str(e)
 
 
+ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class Listener(StreamServer):
+    """A StreamServer whose accept() running out of descriptors or memory is logged as
+    nginx logs it (ngx_event_accept: ``[crit] accept4() failed (24: Too many open
+    files)``) and pauses accepting for ``ACCEPT_PAUSE`` seconds (nginx disables its
+    accept events likewise), instead of gevent printing a traceback to stderr."""
+    ACCEPT_PAUSE = 0.5
+
+    def __init__(self, sock, handle, spawn, listen):
+        super().__init__(sock, handle, spawn=spawn)
+        self.listen = listen
+
+    def do_read(self):
+        try:
+            return super().do_read()
+        except OSError as exc:
+            if exc.errno not in ACCEPT_ERRORS:
+                raise
+            logger = getattr(self.listen.server, 'logger', None) or _log
+            logger.log(log.CRIT, 'accept4() failed (%d: %s)', exc.errno,
+                       os.strerror(exc.errno))
+            self.stop_accepting()           # also stops gevent's own backoff timer
+            self._timer = self.loop.timer(self.ACCEPT_PAUSE)
+            self._timer.start(self._start_accepting_if_started)
+            return None
+
+
 class Service:
     """One configuration served by one process.
 
@@ -92,8 +122,9 @@ class Service:
         # nginx counts the listening sockets among a worker's connections.
         self.connections = config.main.worker_connections
         self.limit = max(1, self.connections - len(bounds))
-        self.servers = [StreamServer(bound.sock.dup() if dup else bound.sock,
-                                     self._handler(bound), spawn=self.group)
+        self.servers = [Listener(bound.sock.dup() if dup else bound.sock,
+                                 self._handler(bound), spawn=self.group,
+                                 listen=bound.listens[0])
                         for bound in bounds]
         self.stopping = False
         self.stopped = gevent.event.Event()

@@ -11,6 +11,7 @@ import socket
 from gevent.socket import wait_write
 
 from . import backend_tls, errors, failover, realip
+from . import log
 from .config import values
 from .config.directives import D, MAIL_SERVER
 from .log import printable
@@ -78,7 +79,11 @@ def connect(s) -> Upstream:
             s.error(last_error.message)     # each failed try, as nginx logs one
         s.upstream_name = name
         s.action = 'connecting to upstream'
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:              # EMFILE, ENFILE, ENOBUFS: nginx logs alert
+            raise errors.UpstreamError(os_error_text('socket', exc),
+                                       level=log.ALERT) from None
         s.upstream_sock = sock
         try:
             if fo is None:

@@ -7,6 +7,7 @@ descriptors before and after (no leak), and that the same process serves a whole
 """
 import imaplib
 import os
+import re
 import socket
 import struct
 import time
@@ -163,3 +164,46 @@ def test_client_reset_mid_10mb_fetch(setup):
     assert '[alert]' not in log and '[crit]' not in log
     assert settled_fds(proxy.pid, before) <= before
     assert fetch_all(proxy.port, 'bob', 'hunter2') == msg
+
+
+EXHAUSTED_CONF = '''
+worker_processes 1;
+worker_rlimit_nofile 48;
+events { worker_connections 4096; }
+mail {
+    auth_http %(auth)s;
+    auth_http_keepalive off;
+    timeout 5s;
+    server { listen 127.0.0.1:%(port)d; protocol imap; }
+}
+'''
+
+
+def test_descriptor_exhaustion_is_a_logged_refusal(gmailproxy, auth, dovecot):
+    """The worker runs out of descriptors (``worker_rlimit_nofile 48``, 80 clients):
+    accept() failing is logged as nginx logs it, nothing reaches stderr, the worker
+    lives, and once the clients leave a normal login and 10 MB FETCH work again."""
+    msg = message(BIG)
+    dovecot.deliver('bob', msg)
+    auth.users = {'bob': {'password': 'hunter2', 'port': dovecot.imap_port}}
+    port = free_port()
+    proxy = gmailproxy(EXHAUSTED_CONF % {'auth': auth.url, 'port': port}, ports=[port])
+    held = [socket.create_connection(('127.0.0.1', port), timeout=5) for _ in range(80)]
+    try:
+        proxy.wait_log('accept4() failed (24: Too many open files)', timeout=10)
+    finally:
+        for sock in held:
+            sock.close()
+    assert re.search(r'(?m)\[crit\] \d+#\d+: accept4\(\) failed \(24: Too many open files\)$',
+                     proxy.log_text())
+    assert 'Traceback' not in proxy.stderr_text()
+    deadline = time.monotonic() + 10
+    while True:                 # the backlog drains as the held clients' sessions end
+        try:
+            assert fetch_all(port, 'bob', 'hunter2') == msg
+            break
+        except (imaplib.IMAP4.abort, OSError, EOFError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    assert 'Traceback' not in proxy.stderr_text()
