@@ -17,7 +17,7 @@ from . import ssl as tls
 from . import log
 from .config import values
 from .config.directives import D, MAIL_SERVER
-from .stream import os_error_text, send_all
+from .stream import connect_socket, os_error_text, send_all
 
 DIRECTIVES = [
     D('auth_http', MAIL_SERVER, '1', values.auth_http_url, multi='last'),
@@ -253,7 +253,7 @@ def _connect(url):
         raise errors.AuthServiceError(os_error_text('socket', exc),
                                       level=log.ALERT) from None
     try:
-        sock.connect(url.sockaddr)
+        connect_socket(sock, url.sockaddr)
     except OSError as exc:
         sock.close()
         raise errors.AuthServiceError('connect() to %s failed (%d: %s)'

@@ -96,7 +96,7 @@ def order(servers: list, settings: Settings, now: float | None = None) -> list:
 
 
 def connect(s, connect_socket, sock, sockaddr, name: str) -> None:
-    """One try, ``connect_socket(sock, sockaddr)`` (upstream.py), under
+    """One try, ``connect_socket(sock, sockaddr)`` (stream.py), under
     ``proxy_connect_timeout``; the breaker learns how it went. A connect that takes too
     long raises ``TimeoutError`` (an ``OSError``, as a refused one)."""
     settings = s.conf.failover

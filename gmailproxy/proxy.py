@@ -119,7 +119,10 @@ class _Direction:
         self.data = memoryview(first) if first else None    # bytes still to write
         self.count = 0
         self.last = 0.0
-        self.watcher = self.readable = self.writable = self.later = None
+        # The gevent sockets' own watchers: making new ones costs a syscall each.
+        self.readable = src._read_event
+        self.writable = dst._write_event
+        self.watcher = self.later = None
 
     # -- waiting -------------------------------------------------------------------------
 
@@ -132,17 +135,12 @@ class _Direction:
         kept, so a session that only ever reads does no watcher work per message."""
         if fd == self.src_fd and events == _READ:
             watcher = self.readable
-            if watcher is None:
-                watcher = self.readable = self.loop.io(fd, _READ)
         elif fd == self.dst_fd and events == _WRITE:
             watcher = self.writable
-            if watcher is None:
-                watcher = self.writable = self.loop.io(fd, _WRITE)
         else:                       # TLS needing the other event (renegotiation, KeyUpdate)
             watcher = self.loop.io(fd, events)
         if watcher is not self.watcher:
-            if self.watcher is not None:
-                self.watcher.stop()
+            self._drop_watcher()
             self.watcher = watcher
         if not watcher.active:
             watcher.start(self.wake, self.index)
@@ -150,19 +148,24 @@ class _Direction:
     def _soon(self) -> None:
         """Wake again in this loop iteration's callbacks: TLS keeps decrypted bytes that
         no descriptor event announces, and a long burst lets other sessions run."""
-        if self.watcher is not None:
-            self.watcher.stop()
-            self.watcher = None
+        self._drop_watcher()
         self.later = self.loop.run_callback(self.wake, self.index)
 
-    def disarm(self) -> None:
-        for watcher in {self.readable, self.writable, self.watcher}:
-            if watcher is not None:
-                watcher.stop()
+    def _drop_watcher(self) -> None:
+        """Stop the current watcher; close it when it is none of the sockets' own."""
+        watcher, self.watcher = self.watcher, None
+        if watcher is not None:
+            watcher.stop()
+            if watcher is not self.readable and watcher is not self.writable:
                 watcher.close()
+
+    def disarm(self) -> None:
+        self._drop_watcher()
+        self.readable.stop()
+        self.writable.stop()
         if self.later is not None:
             self.later.stop()
-        self.watcher = self.readable = self.writable = self.later = None
+        self.later = None
 
     # -- moving bytes --------------------------------------------------------------------
 

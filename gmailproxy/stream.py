@@ -5,6 +5,7 @@ that does not fit raises ``too_long``. Deadlines are the caller's ``gevent.Timeo
 """
 import errno
 import os
+import socket
 
 from gevent.socket import socket as GeventSocket     # not its TLS subclass
 
@@ -86,18 +87,35 @@ class LineStream:
 
 
 def send_all(sock, data: bytes) -> None:
-    """``sock.sendall(data)``; a plain gevent socket first tries one non-blocking write,
-    which takes a whole reply nearly always (gevent's ``sendall`` asks the kernel for
-    SO_SNDBUF on every call and goes through three Python layers)."""
+    """``sock.sendall(data)``; a plain gevent socket first tries one non-blocking send on
+    the socket underneath, which takes a whole reply nearly always (gevent's ``sendall``
+    asks the kernel for SO_SNDBUF on every call and goes through three Python layers)."""
     if type(sock) is GeventSocket:
         try:
-            n = os.write(sock.fileno(), data)
+            n = sock._sock.send(data)
         except BlockingIOError:
             n = 0
         if n == len(data):
             return
         data = memoryview(data)[n:]
     sock.sendall(data)
+
+
+def connect_socket(sock, sockaddr) -> None:
+    """``sock.connect(sockaddr)`` for a numeric address, under the caller's Timeout: one
+    connect() on the non-blocking socket underneath, a wait on the gevent socket's own
+    write watcher, SO_ERROR. (gevent's ``connect`` adds a SO_ERROR query before and a
+    second connect() after; ``wait_write`` would make a new watcher: a syscall.)"""
+    raw = sock._sock
+    err = raw.connect_ex(sockaddr)
+    while err == errno.EAGAIN:          # a unix socket's full backlog: try again
+        sock._wait(sock._write_event)
+        err = raw.connect_ex(sockaddr)
+    if err == errno.EINPROGRESS:
+        sock._wait(sock._write_event)
+        err = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err and err != errno.EISCONN:
+        raise OSError(err, os.strerror(err))
 
 
 def redacted(data: bytes) -> str:

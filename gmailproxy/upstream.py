@@ -3,19 +3,15 @@
 The session runs ``connect`` and the protocol's ``login_upstream`` under one ``timeout``
 deadline, armed once, as nginx does.
 """
-import errno
 import logging
-import os
 import socket
-
-from gevent.socket import wait_write
 
 from . import backend_tls, errors, failover, realip
 from . import log
 from .config import values
 from .config.directives import D, MAIL_SERVER
 from .log import printable
-from .stream import UPSTREAM, LineStream, os_error_text
+from .stream import UPSTREAM, LineStream, connect_socket, os_error_text
 
 DIRECTIVES = [
     D('proxy', MAIL_SERVER, '1', values.flag, default=False),   # parsed, no effect (nginx)
@@ -102,25 +98,6 @@ def connect(s) -> Upstream:
             backend_tls.begin(s, up)    # sets up.tls; with "on", the TLS handshake
         return up
     raise last_error
-
-
-def connect_socket(sock, sockaddr) -> None:
-    """``sock.connect(sockaddr)`` for a numeric address, under the caller's Timeout:
-    one connect(), a wait for writability, SO_ERROR (gevent's ``connect`` adds a
-    SO_ERROR query before and a second connect() after)."""
-    sock.settimeout(0.0)            # gevent's connect_ex then returns EINPROGRESS
-    try:
-        err = sock.connect_ex(sockaddr)
-    finally:
-        sock.settimeout(None)
-    if err in _IN_PROGRESS:
-        wait_write(sock.fileno())
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    if err and err != errno.EISCONN:
-        raise OSError(err, os.strerror(err))
-
-
-_IN_PROGRESS = (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY)
 
 
 def recv_error(exc: OSError) -> errors.UpstreamError:
