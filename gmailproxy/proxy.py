@@ -1,7 +1,8 @@
 """The byte pump (proxy.md section 5): both directions at once, one shared idle deadline.
 
-The session's own greenlet runs the pump; no greenlet per direction. It waits on hub io
-watchers of the two descriptors and moves bytes with non-blocking calls only:
+No greenlet per direction: hub io watchers of the two descriptors call the directions'
+steps, which move bytes with non-blocking calls only, while the session's greenlet waits
+for the outcome:
 
 * small messages (commands, replies): ``os.readv`` into a scratch buffer shared by all
   sessions and ``os.write`` at once; only bytes the destination cannot take yet are
@@ -68,31 +69,31 @@ def pump(s, up) -> tuple[int, int]:
 def _run(a: '_Direction', b: '_Direction', timeout: float) -> bool:
     """Move bytes until a side closes or fails (False) or ``timeout`` passes idle (True).
 
-    Watcher callbacks switch straight into this greenlet with a number: 0 or 1 for a
-    direction that can go on, 2 for the deadline. Every call here is non-blocking, so
-    the greenlet is only ever suspended in ``hub.switch()`` below, where they expect it."""
+    Every call in a step is non-blocking, so the watcher callbacks run the steps in the
+    hub itself (a message costs no greenlet switch) and switch to this greenlet only
+    with the outcome; until then it sleeps in ``hub.switch()`` below."""
     hub = get_hub()
     loop = hub.loop
-    wake = getcurrent().switch
-    directions = (a, b)
-    a.arm(loop, wake, 0)
-    b.arm(loop, wake, 1)
+    session = getcurrent()
     timer = loop.timer(timeout)
-    timer.start(wake, 2)
+
+    def idle_check():
+        nonlocal timer
+        idle = loop.now() - (a.last if a.last > b.last else b.last)
+        if idle >= timeout:
+            session.switch(True)
+            return
+        timer.close()
+        timer = loop.timer(timeout - idle)
+        timer.start(idle_check)
+
+    a.arm(loop, session)
+    b.arm(loop, session)
+    timer.start(idle_check)
     try:
         if a.step() or b.step():
             return False
-        while True:
-            ready = hub.switch()
-            if ready == 2:
-                idle = loop.now() - (a.last if a.last > b.last else b.last)
-                if idle >= timeout:
-                    return True
-                timer.close()
-                timer = loop.timer(timeout - idle)
-                timer.start(wake, 2)
-            elif directions[ready].step():
-                return False
+        return hub.switch()
     finally:
         timer.close()
         a.disarm()
@@ -103,7 +104,7 @@ class _Direction:
     """One way through the pump: what waits to be written, and what to wait for."""
     __slots__ = ('src', 'dst', 'src_fd', 'dst_fd', 'src_tls', 'dst_tls', 'size',
                  'splice_size', 'asked', 'pipe', 'in_pipe', 'bulk', 'data', 'count', 'last',
-                 'loop', 'wake', 'index', 'watcher', 'readable', 'writable', 'later')
+                 'loop', 'session', 'ready', 'watcher', 'readable', 'writable', 'later')
 
     def __init__(self, src, dst, size: int, first: bytes):
         self.src, self.dst = src, dst
@@ -122,13 +123,25 @@ class _Direction:
         # The gevent sockets' own watchers: making new ones costs a syscall each.
         self.readable = src._read_event
         self.writable = dst._write_event
-        self.watcher = self.later = None
+        self.watcher = self.later = self.ready = self.session = None
 
     # -- waiting -------------------------------------------------------------------------
 
-    def arm(self, loop, wake, index: int) -> None:
-        self.loop, self.wake, self.index = loop, wake, index
+    def arm(self, loop, session) -> None:
+        self.loop, self.session = loop, session
+        self.ready = self._ready        # made once: watchers and callbacks call it
         self.last = loop.now()
+
+    def _ready(self) -> None:
+        """A watcher's or callback's call, in the hub: step, and hand an ending (or a
+        bug's exception, to be logged there) to the session's greenlet."""
+        try:
+            over = self.step()
+        except BaseException as exc:
+            self.session.throw(type(exc), exc, exc.__traceback__)
+            return
+        if over:
+            self.session.switch(False)
 
     def _wait(self, fd: int, events: int) -> None:
         """Be woken when ``fd`` has ``events``; the watchers for the usual two waits are
@@ -143,13 +156,13 @@ class _Direction:
             self._drop_watcher()
             self.watcher = watcher
         if not watcher.active:
-            watcher.start(self.wake, self.index)
+            watcher.start(self.ready)
 
     def _soon(self) -> None:
         """Wake again in this loop iteration's callbacks: TLS keeps decrypted bytes that
         no descriptor event announces, and a long burst lets other sessions run."""
         self._drop_watcher()
-        self.later = self.loop.run_callback(self.wake, self.index)
+        self.later = self.loop.run_callback(self.ready)
 
     def _drop_watcher(self) -> None:
         """Stop the current watcher; close it when it is none of the sockets' own."""
@@ -165,7 +178,7 @@ class _Direction:
         self.writable.stop()
         if self.later is not None:
             self.later.stop()
-        self.later = None
+        self.later = self.ready = self.session = None     # no cycle through the method
 
     # -- moving bytes --------------------------------------------------------------------
 
