@@ -22,6 +22,7 @@ import os
 import ssl
 
 from gevent import get_hub, getcurrent
+from gevent.socket import socket as GeventSocket     # not its TLS subclass
 
 from . import log
 
@@ -109,8 +110,8 @@ class _Direction:
     def __init__(self, src, dst, size: int, first: bytes):
         self.src, self.dst = src, dst
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
-        self.src_tls = getattr(src, '_sslobj', None)
-        self.dst_tls = getattr(dst, '_sslobj', None)
+        self.src_tls = _tls_of(src)
+        self.dst_tls = _tls_of(dst)
         self.size = max(size, CHUNK)
         self.splice_size = max(size, PIPE_SIZE)
         self.asked = 0
@@ -314,6 +315,12 @@ class _Direction:
                 _give_pipe(self.pipe)
             self.pipe = None
         self.data = None
+
+
+def _tls_of(sock):
+    """The SSLObject under a gevent TLS socket, None for a plain one (asked without
+    getattr: a plain socket's ``__getattr__`` would raise and catch inside)."""
+    return None if type(sock) is GeventSocket else sock._sslobj
 
 
 def _scratch(size: int) -> bytearray:

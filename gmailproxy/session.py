@@ -105,7 +105,7 @@ def handle(sock, peer, listen, local=None) -> None:
     try:
         if local is None:
             local = sock.getsockname()
-        if sock.family != socket.AF_UNIX:
+        if isinstance(peer, tuple):     # TCP, not a unix socket
             # Each reply is one send already; Nagle would only hold back the last reply
             # before a close, which a reset can then destroy.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
