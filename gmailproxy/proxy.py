@@ -145,8 +145,9 @@ class _Direction:
             self.session.switch(False)
 
     def _wait(self, fd: int, events: int) -> None:
-        """Be woken when ``fd`` has ``events``; the watchers for the usual two waits are
-        kept, so a session that only ever reads does no watcher work per message."""
+        """Be woken when ``fd`` has ``events``; the usual two waits use the sockets' own
+        watchers, kept started while a session only reads, so a message costs no
+        watcher work."""
         if fd == self.src_fd and events == _READ:
             watcher = self.readable
         elif fd == self.dst_fd and events == _WRITE:

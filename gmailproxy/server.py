@@ -89,10 +89,6 @@ class Listener(StreamServer):
     files)``) and pauses accepting for ``ACCEPT_PAUSE`` seconds (nginx disables its
     accept events likewise), instead of gevent printing a traceback to stderr."""
     ACCEPT_PAUSE = 0.5
-    # One accept per readiness event, as nginx's default "multi_accept off": workers
-    # sharing a socket then split new connections by how soon each gets back to its loop
-    # (gevent's default, 100, lets one busy worker take a whole burst).
-    max_accept = 1
 
     def __init__(self, sock, handle, spawn, listen):
         super().__init__(sock, handle, spawn=spawn)
