@@ -298,6 +298,20 @@ def uses_tls(conf) -> bool:
     return conf.starttls != 'off' or any(listen.ssl for listen in conf.listen)
 
 
+def tls_required(s) -> bool:
+    """``starttls only`` and no TLS yet: logins are refused, as nginx refuses them."""
+    return s.conf.starttls == 'only' and not s.tls
+
+
+def by_starttls(s, plain: bytes, offered: bytes, required: bytes) -> bytes:
+    """The capability list that fits the session: TLS up (or ``starttls off``),
+    STARTTLS offered (``on``), STARTTLS required (``only``)."""
+    starttls = s.conf.starttls
+    if s.tls or starttls == 'off':
+        return plain
+    return offered if starttls == 'on' else required
+
+
 def finalize(conf) -> None:
     """Called by the parser for each server at every load (start, ``-t``, reload): the
     files are read again and a failure is a ConfigError with OpenSSL's reason."""

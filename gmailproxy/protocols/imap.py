@@ -6,6 +6,7 @@ OfflineIMAP send it first) and advertised while ``imap_id`` is on (the default).
 import re
 
 from .. import backend_tls, errors, oauth, realip, sasl
+from .. import ssl as tls
 from ..stream import redacted
 from ..config import values
 from ..config.directives import D, MAIL_SERVER
@@ -179,19 +180,10 @@ def _ok(s, text: bytes = b'') -> None:
     s.send(text + s.tag + OK)
 
 
-def _tls_required(s) -> bool:
-    return s.conf.starttls == 'only' and not s.tls
-
-
 def cmd_capability(s, args) -> None:
     conf = s.conf
-    if s.tls or conf.starttls == 'off':
-        line = conf.imap_capability
-    elif conf.starttls == 'on':
-        line = conf.imap_starttls_capability
-    else:
-        line = conf.imap_starttls_only_capability
-    _ok(s, line)
+    _ok(s, tls.by_starttls(s, conf.imap_capability, conf.imap_starttls_capability,
+                           conf.imap_starttls_only_capability))
 
 
 def cmd_noop(s, args) -> None:
@@ -220,12 +212,11 @@ def cmd_starttls(s, args) -> None:
     if s.tls or s.conf.starttls == 'off':
         raise BadCommand()
     _ok(s)
-    from .. import ssl as tls
     tls.starttls(s)
 
 
 def cmd_login(s, args) -> bool:
-    if _tls_required(s) or len(args) != 2 or not args[0]:
+    if tls.tls_required(s) or len(args) != 2 or not args[0]:
         raise BadCommand()
     s.login, s.passwd = args
     sasl.check_credentials(s.login, s.passwd)
@@ -234,7 +225,7 @@ def cmd_login(s, args) -> bool:
 
 
 def cmd_authenticate(s, args) -> bool:
-    if _tls_required(s) or not 1 <= len(args) <= 2:
+    if tls.tls_required(s) or not 1 <= len(args) <= 2:
         raise BadCommand()
     sasl.run_mechanism(s, args[0], args[1] if len(args) == 2 else None, s.conf.imap_auth,
                        lambda text: sasl.answer(s, SASL_CHALLENGE + text + b'\r\n'))

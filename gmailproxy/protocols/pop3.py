@@ -4,6 +4,7 @@ Beyond nginx: ``pop3_client_buffer`` (nginx's POP3 command buffer is fixed at 12
 which rejects long user names and ``AUTH PLAIN`` responses; 128 stays the default).
 """
 from .. import backend_tls, errors, oauth, sasl
+from .. import ssl as tls
 from ..config import values
 from ..log import printable
 from ..config.directives import D, MAIL_SERVER
@@ -157,18 +158,10 @@ def read_response(s, challenge: bytes) -> bytes:
     return first
 
 
-def _tls_required(s) -> bool:
-    return s.conf.starttls == 'only' and not s.tls
-
-
 def cmd_capa(s, args) -> None:
     conf = s.conf
-    if s.tls or conf.starttls == 'off':
-        s.send(conf.pop3_capability)
-    elif conf.starttls == 'on':
-        s.send(conf.pop3_starttls_capability)
-    else:
-        s.send(conf.pop3_starttls_only_capability)
+    s.send(tls.by_starttls(s, conf.pop3_capability, conf.pop3_starttls_capability,
+                           conf.pop3_starttls_only_capability))
 
 
 def cmd_capa_user(s, args) -> None:
@@ -188,14 +181,13 @@ def cmd_stls(s, args) -> None:
     if s.tls or s.conf.starttls == 'off':
         raise BadCommand()
     s.send(OK)
-    from .. import ssl as tls
     tls.starttls(s)
 
 
 def cmd_user(s, args) -> bool:
     """``USER name``, then nginx's "user" state: PASS completes the credentials; CAPA,
     NOOP and QUIT are answered; anything else is invalid and back to the start."""
-    if _tls_required(s) or len(args) != 1:
+    if tls.tls_required(s) or len(args) != 1:
         raise BadCommand()
     s.login = args[0]
     s.send(OK)
@@ -220,7 +212,7 @@ def cmd_pass(s, args) -> bool:
 
 def cmd_apop(s, args) -> bool:
     """``APOP name digest``: the digest goes to auth_http with the salt, unchecked."""
-    if _tls_required(s) or len(args) != 2 or 'apop' not in s.conf.pop3_auth:
+    if tls.tls_required(s) or len(args) != 2 or 'apop' not in s.conf.pop3_auth:
         raise BadCommand()
     sasl.check_credentials(args[0], args[1])
     s.login, s.passwd = args
@@ -229,7 +221,7 @@ def cmd_apop(s, args) -> bool:
 
 
 def cmd_auth(s, args) -> bool:
-    if _tls_required(s):
+    if tls.tls_required(s):
         raise BadCommand()
     if not args:
         s.send(s.conf.pop3_auth_capability)

@@ -10,6 +10,7 @@ import re
 from gevent import select
 
 from .. import backend_tls, errors, oauth, resolver, sasl
+from .. import ssl as tls
 from ..config import values
 from ..config.directives import D, MAIL_SERVER
 from ..errors import BadCommand
@@ -189,12 +190,8 @@ def cmd_ehlo(s, line, args) -> None:
     s.mail_from = s.rcpt_to = None
     s.esmtp = True
     conf = s.conf
-    if s.tls or conf.starttls == 'off':
-        s.send(conf.smtp_ehlo)
-    elif conf.starttls == 'on':
-        s.send(conf.smtp_ehlo_starttls)
-    else:
-        s.send(conf.smtp_ehlo_starttls_only)
+    s.send(tls.by_starttls(s, conf.smtp_ehlo, conf.smtp_ehlo_starttls,
+                           conf.smtp_ehlo_starttls_only))
 
 
 def cmd_noop(s, line, args) -> None:
@@ -216,7 +213,6 @@ def cmd_starttls(s, line, args) -> None:
         raise BadCommand()
     s.helo = s.mail_from = s.rcpt_to = None      # RFC 3207: forget what came before TLS
     s.send(REPLIES['starttls'])
-    from .. import ssl as tls
     tls.starttls(s)
 
 
@@ -248,7 +244,7 @@ def cmd_invalid(s, line, args) -> None:
 
 
 def cmd_auth(s, line, args) -> bool:
-    if s.conf.starttls == 'only' and not s.tls:
+    if tls.tls_required(s):
         raise BadCommand()
     if not args:
         return s.send(REPLIES['invalid_argument'])
