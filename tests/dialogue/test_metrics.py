@@ -194,14 +194,12 @@ def test_metrics_of_limits_and_cache(served, backends, auth):
     proxy, url = served('max_sessions_per_address 1; auth_cache 10;')
     imap = {'protocol': 'imap', 'server': '127.0.0.1:%d' % proxy.ports[0]}
     for _ in range(2):
-        c = proxy.client()
-        c.expect(b'* OK IMAP4 ready\r\n')
+        c = proxy.client(greeting=b'* OK IMAP4 ready\r\n')
         c.send(b'a1 LOGIN alice secret\r\na2 LOGOUT\r\n')
         c.expect(b'a1 OK logged in\r\n* BYE bye\r\na2 OK logged out\r\n')
         assert c.closed()
         settled(url, 1 if _ == 0 else 2)
-    held = proxy.client()
-    held.expect(b'* OK IMAP4 ready\r\n')
+    held = proxy.client(greeting=b'* OK IMAP4 ready\r\n')
     refused = proxy.client()
     refused.expect(b'* BYE [UNAVAILABLE] Too many connections from your address\r\n')
     held.close()
@@ -275,8 +273,8 @@ mail {
             c.send(b'a1 LOGIN alice secret\r\n')
             c.expect(b'a1 OK logged in\r\n')
             clients.append(c)
-        m = scrape(url)
-        assert total(m, 'gmailproxy_sessions_active') == 4
+        # the gauge moves just after the OK is relayed: wait for it, not a race
+        m = settled_to(url, 'gmailproxy_sessions_active', 4)
         assert total(m, 'gmailproxy_connections_total') == probe + 4
         for c in clients[:2]:
             c.send(b'a2 LOGOUT\r\n')
