@@ -295,9 +295,12 @@ mail {
         c.send(b'a1 LOGOUT\r\n')
         c.expect(b'* BYE\r\na1 OK completed\r\n')
         c.close()
-        m = settled_to(url, 'gmailproxy_connections_total', probe + 5)
-        assert value(m, 'gmailproxy_session_outcomes_total', outcome='quit',
-                     protocol='imap', server='127.0.0.1:%d' % port) == 1
+        settled_to(url, 'gmailproxy_connections_total', probe + 5)
+        # the outcome is counted once the session has ended, after the client saw BYE
+        with gevent.Timeout(TIMEOUT, AssertionError('the quit was not counted once')):
+            while value(scrape(url), 'gmailproxy_session_outcomes_total', outcome='quit',
+                        protocol='imap', server='127.0.0.1:%d' % port) != 1:
+                gevent.sleep(0.05)
     finally:
         proxy.stop()
         for c in locals().get('clients', []):
