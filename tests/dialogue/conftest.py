@@ -23,8 +23,12 @@ class Proxy:
         self.port = ports[0]
         self.log_path = log_path
 
-    def client(self, port: int | None = None, greeting: bool = False) -> Client:
-        return Client('127.0.0.1', port or self.port)
+    def client(self, port: int | None = None, greeting: bytes = b'') -> Client:
+        """A raw client; with ``greeting``, past it (checked as ``Client.expect`` does)."""
+        c = Client('127.0.0.1', port or self.port)
+        if greeting:
+            c.expect(greeting)
+        return c
 
     def log_text(self) -> str:
         for logger in {conf.logger for conf in self.config.servers}:
@@ -98,3 +102,21 @@ def fake_backend(request):
     for backend in made:
         dump_on_failure(request, 'backend %s received' % backend.proto, repr(backend.received))
         backend.stop()
+
+
+@pytest.fixture
+def backends(fake_backend, auth):
+    """A fake backend per protocol (imap, pop3, smtp), where auth sends alice/secret."""
+    made = {p: fake_backend(p) for p in ('imap', 'pop3', 'smtp')}
+    auth.users = {'alice': {'password': 'secret'}}
+    auth.ports = {p: b.port for p, b in made.items()}
+    return made
+
+
+@pytest.fixture
+def clean_limits():
+    """Empty limit tables (sessions, rates, auth cache) before and after the test."""
+    from gmailproxy import limits
+    limits.reset()
+    yield
+    limits.reset()

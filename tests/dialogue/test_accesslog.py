@@ -9,7 +9,7 @@ import signal
 import gevent
 import pytest
 
-from gmailproxy import accesslog, limits
+from gmailproxy import accesslog
 from tests.support.net import Client, free_port
 from tests.support.proxyproc import GmailProxy
 
@@ -29,19 +29,7 @@ mail {
 '''
 
 
-@pytest.fixture(autouse=True)
-def clean_tables():
-    limits.reset()
-    yield
-    limits.reset()
-
-
-@pytest.fixture
-def backends(fake_backend, auth):
-    made = {p: fake_backend(p) for p in ('imap', 'pop3', 'smtp')}
-    auth.users = {'alice': {'password': 'secret'}}
-    auth.ports = {p: b.port for p, b in made.items()}
-    return made
+pytestmark = pytest.mark.usefixtures('clean_limits')
 
 
 def lines(path, n: int) -> list[str]:
@@ -56,8 +44,7 @@ def lines(path, n: int) -> list[str]:
 
 def imap_session(proxy):
     """Login, NOOP, LOGOUT: 20 bytes from the client, 41 to it through the pump."""
-    c = proxy.client()
-    c.expect(b'* OK IMAP4 ready\r\n')
+    c = proxy.client(greeting=b'* OK IMAP4 ready\r\n')
     c.send(b'a1 LOGIN alice secret\r\n')
     c.expect(b'a1 OK logged in\r\n')
     c.send(b'a2 NOOP\r\n')
@@ -68,16 +55,14 @@ def imap_session(proxy):
 
 
 def imap_failure(proxy, login=b'alice'):
-    c = proxy.client()
-    c.expect(b'* OK IMAP4 ready\r\n')
+    c = proxy.client(greeting=b'* OK IMAP4 ready\r\n')
     c.send(b'a1 LOGIN ' + login + b' wrong\r\n')
     c.expect(b'a1 NO Invalid login or password\r\n')
     assert c.closed()
 
 
 def pop3_session(proxy, retr: bytes):
-    c = proxy.client(proxy.ports[1])
-    c.expect(b'+OK POP3 ready\r\n')
+    c = proxy.client(proxy.ports[1], greeting=b'+OK POP3 ready\r\n')
     c.send(b'USER alice\r\nPASS secret\r\n')
     c.expect(b'+OK\r\n+OK\r\n')
     c.send(retr)
@@ -88,8 +73,7 @@ def pop3_session(proxy, retr: bytes):
 
 
 def smtp_session(proxy):
-    c = proxy.client(proxy.ports[2])
-    c.expect(b'220 mx.example.com ESMTP ready\r\n')
+    c = proxy.client(proxy.ports[2], greeting=b'220 mx.example.com ESMTP ready\r\n')
     c.send(b'EHLO client.example\r\n')
     c.read_lines_until(b'250 ')
     c.send(b'AUTH PLAIN ' + base64.b64encode(b'\0alice\0secret') + b'\r\n')

@@ -26,8 +26,7 @@ def backend(fake_backend, auth):
 
 
 def login(proxy, user=b'alice', password=b'secret', expect=b'a1 OK logged in\r\n'):
-    c = proxy.client()
-    c.expect(b'* OK IMAP4 ready\r\n')
+    c = proxy.client(greeting=b'* OK IMAP4 ready\r\n')
     c.send(b'a1 LOGIN {%d+}\r\n%s {%d+}\r\n%s\r\n' % (len(user), user, len(password),
                                                     password))
     c.expect(expect)

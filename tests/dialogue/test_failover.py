@@ -54,8 +54,7 @@ def answer(auth, servers, ports):
 
 
 def login(proxy) -> bytes:
-    c = proxy.client()
-    c.expect(b'* OK IMAP4 ready\r\n')
+    c = proxy.client(greeting=b'* OK IMAP4 ready\r\n')
     c.send(b'a1 LOGIN alice secret\r\n')
     got = c.readline(timeout=8)
     c.close()

@@ -6,6 +6,9 @@ import time
 import gevent
 import pytest
 
+from tests.support.auth import b64
+from tests.support.nginxlog import logged_in, login_failed
+
 CONF = '''
 mail {
     error_log {log} info;
@@ -29,14 +32,8 @@ def start(mailproxy, directives=''):
     return mailproxy(CONF % directives)
 
 
-def b64(data: bytes) -> bytes:
-    return base64.b64encode(data)
-
-
 def greeted(proxy):
-    c = proxy.client()
-    c.expect(b'* OK IMAP4 ready\r\n')
-    return c
+    return proxy.client(greeting=b'* OK IMAP4 ready\r\n')
 
 
 def test_greeting_capability_noop_logout(mailproxy, backend):
@@ -297,8 +294,7 @@ def test_auth_failed_with_wait(mailproxy, backend, auth):
     c.send(b'a2 LOGIN alice secret\r\n')
     c.expect(b'a2 OK logged in\r\n')
     assert b'Auth-Login-Attempt: 2\r\n' in auth.requests[1]
-    proxy.wait_log(r'client login failed: "Invalid login or password" while in http auth '
-                   r'state, client: 127\.0\.0\.1, server: 127\.0\.0\.1:\d+, login: "alice"')
+    proxy.wait_log(login_failed())
 
 
 def test_auth_failed_without_wait_closes(mailproxy, backend):
@@ -315,5 +311,4 @@ def test_auth_overrides_user_and_password(mailproxy, backend, auth):
     c.send(b'a1 LOGIN alice secret\r\n')
     c.expect(b'a1 OK logged in\r\n')
     assert backend.lines[:3] == [b'a1 LOGIN {13}\r\n', b'alice@backend {5}\r\n', b'other\r\n']
-    proxy.wait_log('client logged in, client: 127.0.0.1, server: 127.0.0.1:%d, '
-                   'login: "alice@backend", upstream: 127.0.0.1:%d' % (proxy.port, backend.port))
+    proxy.wait_log(logged_in('alice@backend', backend.port, proxy.port))

@@ -24,8 +24,7 @@ INTERNAL = b'* BAD internal server error\r\n'
 def login(proxy, expected: bytes, leaks=None):
     if leaks is not None:
         leaks.mark()
-    c = proxy.client()
-    c.expect(b'* OK IMAP4 ready\r\n')
+    c = proxy.client(greeting=b'* OK IMAP4 ready\r\n')
     c.send(b'a1 LOGIN alice secret\r\n')
     c.expect(expected, timeout=5)
     assert c.closed(timeout=3)
@@ -149,8 +148,7 @@ def test_client_timeout_in_auth_state(mailproxy, scripted, no_leaks):
     auth = scripted(auth_ok(1))
     proxy = mailproxy(CONF % ('http://127.0.0.1:%d/auth' % auth.port))
     no_leaks.mark()
-    c = proxy.client()
-    c.expect(b'* OK IMAP4 ready\r\n')
+    c = proxy.client(greeting=b'* OK IMAP4 ready\r\n')
     assert c.closed(timeout=3)
     c.close()
     proxy.wait_log(r'\[info\] .*client timed out \(110: Connection timed out\) while in auth '
@@ -161,8 +159,7 @@ def test_client_reset_mid_login(mailproxy, scripted, no_leaks):
     auth = scripted(lambda sock: gevent.sleep(0.5))
     proxy = mailproxy(CONF % ('http://127.0.0.1:%d/auth' % auth.port))
     no_leaks.mark()
-    c = proxy.client()
-    c.expect(b'* OK IMAP4 ready\r\n')
+    c = proxy.client(greeting=b'* OK IMAP4 ready\r\n')
     c.send(b'a1 LOGIN alice secret\r\n')
     c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b'\x01\x00\x00\x00\x00\x00\x00\x00')
     c.close()

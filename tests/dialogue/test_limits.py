@@ -7,8 +7,6 @@ import re
 import gevent
 import pytest
 
-from gmailproxy import limits
-
 CONF = '''
 mail {
     error_log {log} info;
@@ -27,19 +25,14 @@ GREETINGS = {'imap': b'* OK IMAP4 ready\r\n', 'pop3': b'+OK POP3 ready\r\n',
 WAIT = 5.0
 
 
-@pytest.fixture(autouse=True)
-def clean_tables():
-    limits.reset()
-    yield
-    limits.reset()
+pytestmark = pytest.mark.usefixtures('clean_limits')
 
 
 @pytest.fixture
-def backends(fake_backend, auth):
-    made = {p: fake_backend(p) for p in ('imap', 'pop3', 'smtp')}
-    auth.users = {'alice': {'password': 'secret'}, 'bob': {'password': 'secret'}}
-    auth.ports = {p: b.port for p, b in made.items()}
-    return made
+def backends(backends, auth):
+    """The shared backends (conftest.py), with bob/secret as a second user."""
+    auth.users['bob'] = {'password': 'secret'}
+    return backends
 
 
 def start(mailproxy, directives):
@@ -51,9 +44,7 @@ def port_of(proxy, proto):
 
 
 def greeted(proxy, proto='imap'):
-    c = proxy.client(port_of(proxy, proto))
-    c.expect(GREETINGS[proto])
-    return c
+    return proxy.client(port_of(proxy, proto), greeting=GREETINGS[proto])
 
 
 def login(c, proto, user=b'alice', password=b'secret'):

@@ -5,12 +5,14 @@ any method other than CRAM-MD5/APOP/EXTERNAL); the backend is a script that answ
 each line it receives with the next reply, so every line the proxy sends it is checked
 exactly. Expected bytes are spelled out, the error JSON included.
 """
-import base64
 import time
 
 import gevent
 import pytest
-from gevent.server import StreamServer
+
+from tests.support.auth import b64
+from tests.support.fake_backend import LineServer
+from tests.support.nginxlog import logged_in, login_failed
 
 CONF = '''
 mail {
@@ -27,10 +29,6 @@ TOKEN = b'ya29.A0ARrdaM-t0ken_x'
 OTHER_TOKEN = b'ya29.backend-token'
 
 
-def b64(data: bytes) -> bytes:
-    return base64.b64encode(data)
-
-
 XOAUTH2 = b64(b'user=alice@example.com\x01auth=Bearer ya29.A0ARrdaM-t0ken_x\x01\x01')
 BEARER = b64(b'n,a=alice@example.com,\x01auth=Bearer ya29.A0ARrdaM-t0ken_x\x01\x01')
 BAD_XOAUTH2 = b64(b'user=alice@example.com\x01auth=Bearer expired\x01\x01')
@@ -43,34 +41,21 @@ BEARER_SCOPE_ERROR = b64(b'{"status":"invalid_token","scope":"https://mail.examp
 IMAP_IR_GREETING = b'* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] ready\r\n'
 
 
-class Script:
+class Script(LineServer):
     """A backend that sends ``greeting``, then answers the n-th line it receives with
     ``replies[n]``; later lines (the pumped session) are only recorded."""
 
     def __init__(self, greeting: bytes, replies: list):
-        self.greeting, self.replies = greeting, replies
-        self.lines: list[bytes] = []
-        self.server = StreamServer(('127.0.0.1', 0), self._handle)
-        self.server.start()
-        self.port = self.server.server_port
+        self._greeting, self.replies = greeting, replies
+        self._left = {}         # per connection: the replies not sent yet
+        super().__init__()
 
-    def _handle(self, sock, addr):
-        f = sock.makefile('rb')
-        try:
-            sock.sendall(self.greeting)
-            replies = iter(self.replies)
-            while True:
-                line = f.readline(65536)
-                if not line:
-                    return
-                self.lines.append(line)
-                reply = next(replies, None)
-                if reply:
-                    sock.sendall(reply)
-        except OSError:
-            return
-        finally:
-            sock.close()
+    def greeting(self) -> bytes:
+        return self._greeting
+
+    def answer(self, sock, f, line: bytes) -> bytes:
+        left = self._left.setdefault(f, iter(self.replies))
+        return next(left, None) or b''
 
     def wait_lines(self, n: int, timeout: float = 5.0) -> list:
         with gevent.Timeout(timeout, AssertionError('backend got %r' % self.lines)):
@@ -108,18 +93,12 @@ def request(auth, index: int = -1) -> dict:
                                               'Auth-Protocol')}
 
 
-def client(proxy, greeting: bytes):
-    c = proxy.client()
-    c.expect(greeting)
-    return c
-
-
 # --- what is advertised ---------------------------------------------------------------
 
 def test_imap_capability_lists_them_after_external(mailproxy, auth):
     proxy = start(mailproxy, auth, 'imap',
                   mail='imap_auth oauthbearer xoauth2 external cram-md5 plain;')
-    c = client(proxy, b'* OK IMAP4 ready\r\n')
+    c = proxy.client(greeting=b'* OK IMAP4 ready\r\n')
     c.send(b'a CAPABILITY\r\n')
     c.expect(b'* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS ID AUTH=PLAIN AUTH=CRAM-MD5 '
              b'AUTH=EXTERNAL AUTH=XOAUTH2 AUTH=OAUTHBEARER\r\na OK completed\r\n')
@@ -127,7 +106,7 @@ def test_imap_capability_lists_them_after_external(mailproxy, auth):
 
 def test_pop3_capa_and_auth_list(mailproxy, auth):
     proxy = start(mailproxy, auth, 'pop3', mail='pop3_auth plain xoauth2 oauthbearer;')
-    c = client(proxy, b'+OK POP3 ready\r\n')
+    c = proxy.client(greeting=b'+OK POP3 ready\r\n')
     c.send(b'CAPA\r\n')
     c.expect(b'+OK Capability list follows\r\nTOP\r\nUSER\r\nUIDL\r\n'
              b'SASL PLAIN LOGIN XOAUTH2 OAUTHBEARER\r\n.\r\n')
@@ -139,7 +118,7 @@ def test_pop3_capa_and_auth_list(mailproxy, auth):
 def test_smtp_ehlo_lists_them(mailproxy, auth):
     proxy = start(mailproxy, auth, 'smtp',
                   mail='smtp_auth login plain oauthbearer xoauth2;')
-    c = client(proxy, b'220 mx.example ESMTP ready\r\n')
+    c = proxy.client(greeting=b'220 mx.example ESMTP ready\r\n')
     c.send(b'EHLO client.example\r\n')
     c.expect(b'250-mx.example\r\n250 AUTH PLAIN LOGIN XOAUTH2 OAUTHBEARER\r\n')
 
@@ -156,7 +135,7 @@ def test_smtp_ehlo_lists_them(mailproxy, auth):
 def test_not_offered_is_an_invalid_command(mailproxy, auth, proto, greeting, command,
                                            invalid):
     proxy = start(mailproxy, auth, proto)            # default *_auth: no OAuth
-    c = client(proxy, greeting)
+    c = proxy.client(greeting=greeting)
     c.send(command + b'\r\n')
     c.expect(invalid)
     assert auth.requests == []
@@ -171,7 +150,7 @@ def test_not_offered_is_an_invalid_command(mailproxy, auth, proto, greeting, com
 ])
 def test_malformed_response_is_an_invalid_command(mailproxy, auth, response, log):
     proxy = start(mailproxy, auth, 'imap', mail='imap_auth xoauth2;')
-    c = client(proxy, b'* OK IMAP4 ready\r\n')
+    c = proxy.client(greeting=b'* OK IMAP4 ready\r\n')
     c.send(b'a AUTHENTICATE XOAUTH2 ' + response + b'\r\n')
     c.expect(b'a BAD invalid command\r\n')
     proxy.wait_log(log)
@@ -184,7 +163,7 @@ def test_imap_xoauth2_initial_response_replayed_with_sasl_ir(mailproxy, auth, sc
     be = script(IMAP_IR_GREETING, [b'* CAPABILITY IMAP4rev1 IDLE\r\n'
                                    b'a OK [CAPABILITY IMAP4rev1] done\r\n'])
     proxy = start(mailproxy, auth, 'imap', be, mail='imap_auth xoauth2;')
-    c = client(proxy, b'* OK IMAP4 ready\r\n')
+    c = proxy.client(greeting=b'* OK IMAP4 ready\r\n')
     c.send(b'a AUTHENTICATE XOAUTH2 ' + XOAUTH2 + b'\r\n')
     c.expect(b'* CAPABILITY IMAP4rev1 IDLE\r\na OK [CAPABILITY IMAP4rev1] done\r\n')
     assert be.lines == [b'a AUTHENTICATE XOAUTH2 ' + XOAUTH2 + b'\r\n']
@@ -192,8 +171,7 @@ def test_imap_xoauth2_initial_response_replayed_with_sasl_ir(mailproxy, auth, sc
                              'Auth-Pass': TOKEN.decode(), 'Auth-Protocol': 'imap'}
     c.send(b'b NOOP\r\n')                               # then the pump
     assert be.wait_lines(2)[1] == b'b NOOP\r\n'
-    proxy.wait_log(r'client logged in, client: 127\.0\.0\.1, server: 127\.0\.0\.1:\d+, '
-                   r'login: "alice@example\.com", upstream: 127\.0\.0\.1:%d' % be.port)
+    proxy.wait_log(logged_in('alice@example.com', be.port))
     assert TOKEN.decode() not in proxy.log_text()
 
 
@@ -202,7 +180,7 @@ def test_imap_xoauth2_continuation_both_sides(mailproxy, auth, script):
     accept one) the response follows an empty challenge."""
     be = script(b'* OK backend ready\r\n', [b'+ \r\n', b'a OK done\r\n'])
     proxy = start(mailproxy, auth, 'imap', be, mail='imap_auth xoauth2;')
-    c = client(proxy, b'* OK IMAP4 ready\r\n')
+    c = proxy.client(greeting=b'* OK IMAP4 ready\r\n')
     c.send(b'a AUTHENTICATE XOAUTH2\r\n')
     c.expect(b'+ \r\n')
     c.send(XOAUTH2 + b'\r\n')
@@ -213,7 +191,7 @@ def test_imap_xoauth2_continuation_both_sides(mailproxy, auth, script):
 def test_imap_oauthbearer_replayed(mailproxy, auth, script):
     be = script(IMAP_IR_GREETING, [b'a OK done\r\n'])
     proxy = start(mailproxy, auth, 'imap', be, mail='imap_auth oauthbearer;')
-    c = client(proxy, b'* OK IMAP4 ready\r\n')
+    c = proxy.client(greeting=b'* OK IMAP4 ready\r\n')
     c.send(b'a AUTHENTICATE OAUTHBEARER ' + BEARER + b'\r\n')
     c.expect(b'a OK done\r\n')
     assert be.lines == [b'a AUTHENTICATE OAUTHBEARER ' + BEARER + b'\r\n']
@@ -226,7 +204,7 @@ def test_imap_login_and_password_from_the_answer(mailproxy, auth, script):
     be = script(IMAP_IR_GREETING, [b'+ OK\r\n', b'+ OK\r\n', b'a OK logged in\r\n'])
     proxy = start(mailproxy, auth, 'imap', be, mail='imap_auth xoauth2;',
                   user='alice', **{'pass': 'secret'})
-    c = client(proxy, b'* OK IMAP4 ready\r\n')
+    c = proxy.client(greeting=b'* OK IMAP4 ready\r\n')
     c.send(b'a AUTHENTICATE XOAUTH2 ' + XOAUTH2 + b'\r\n')
     c.expect(b'a OK logged in\r\n')
     assert be.lines == [b'a LOGIN {5}\r\n', b'alice {6}\r\n', b'secret\r\n']
@@ -242,7 +220,7 @@ def test_imap_user_or_token_alone_from_the_answer(mailproxy, auth, script, answe
     """Auth-User alone names the backend user, Auth-Pass alone is a token for it."""
     be = script(IMAP_IR_GREETING, [b'a OK done\r\n'])
     proxy = start(mailproxy, auth, 'imap', be, mail='imap_auth xoauth2;', **answer)
-    c = client(proxy, b'* OK IMAP4 ready\r\n')
+    c = proxy.client(greeting=b'* OK IMAP4 ready\r\n')
     c.send(b'a AUTHENTICATE XOAUTH2 ' + XOAUTH2 + b'\r\n')
     c.expect(b'a OK done\r\n')
     assert be.lines == [b'a AUTHENTICATE XOAUTH2 ' + b64(replayed) + b'\r\n']
@@ -254,7 +232,7 @@ def test_imap_oauthbearer_without_user_takes_it_from_the_answer(mailproxy, auth,
     auth.users = {'': {'password': TOKEN.decode(), 'user': 'alice'}}
     auth.ports = {'imap': be.port}
     proxy = mailproxy(CONF % ('imap_auth oauthbearer;', 'imap', ''))
-    c = client(proxy, b'* OK IMAP4 ready\r\n')
+    c = proxy.client(greeting=b'* OK IMAP4 ready\r\n')
     c.send(b'a AUTHENTICATE OAUTHBEARER '
            + b64(b'n,,\x01auth=Bearer ya29.A0ARrdaM-t0ken_x\x01\x01') + b'\r\n')
     c.expect(b'a OK done\r\n')
@@ -274,7 +252,7 @@ def test_imap_backend_refusing_the_token(mailproxy, auth, script, method, respon
     be = script(IMAP_IR_GREETING, [b'+ ' + XOAUTH2_ERROR + b'\r\n',
                                    b'a NO [AUTHENTICATIONFAILED] failed\r\n'])
     proxy = start(mailproxy, auth, 'imap', be, mail='imap_auth xoauth2 oauthbearer;')
-    c = client(proxy, b'* OK IMAP4 ready\r\n')
+    c = proxy.client(greeting=b'* OK IMAP4 ready\r\n')
     c.send(b'a AUTHENTICATE ' + method + b' ' + response + b'\r\n')
     c.expect(b'* BAD internal server error\r\n')
     assert be.lines == [b'a AUTHENTICATE ' + method + b' ' + response + b'\r\n', answer]
@@ -302,16 +280,14 @@ def test_refused_token_failure_dialogue(mailproxy, auth, proto, greeting, comman
                                         challenge, answer, final):
     proxy = start(mailproxy, auth, proto,
                   mail='%s_auth plain xoauth2 oauthbearer;' % proto)
-    c = client(proxy, greeting)
+    c = proxy.client(greeting=greeting)
     c.send(command + b'\r\n')
     c.expect(challenge + b'\r\n')
     c.send(answer + b'\r\n')
     c.expect(final)
     assert c.recv_all_until_close() == b''              # no Auth-Wait: closed
     assert request(auth)['Auth-Pass'] == 'expired'
-    proxy.wait_log(r'client login failed: "Invalid login or password" while in http '
-                   r'auth state, client: 127\.0\.0\.1, server: 127\.0\.0\.1:\d+, '
-                   r'login: "alice@example\.com"')
+    proxy.wait_log(login_failed('alice@example.com'))
 
 
 @pytest.mark.parametrize('proto, greeting, command, challenge', [
@@ -326,7 +302,7 @@ def test_error_challenge_names_oauth_scope(mailproxy, auth, proto, greeting, com
                                            challenge):
     proxy = start(mailproxy, auth, proto, mail='%s_auth xoauth2 oauthbearer; '
                   'oauth_scope https://mail.example/;' % proto)
-    c = client(proxy, greeting)
+    c = proxy.client(greeting=greeting)
     c.send(command + b'\r\n')
     c.expect(challenge + b'\r\n')
 
@@ -334,7 +310,7 @@ def test_error_challenge_names_oauth_scope(mailproxy, auth, proto, greeting, com
 def test_smtp_refusal_uses_auth_error_code(mailproxy, auth):
     proxy = start(mailproxy, auth, 'smtp', mail='smtp_auth xoauth2;',
                   status='Token expired', error_code='454 4.7.0')
-    c = client(proxy, b'220 mx.example ESMTP ready\r\n')
+    c = proxy.client(greeting=b'220 mx.example ESMTP ready\r\n')
     c.send(b'AUTH XOAUTH2 ' + XOAUTH2 + b'\r\n')
     c.expect(b'334 ' + XOAUTH2_ERROR + b'\r\n')
     c.send(b'\r\n')
@@ -343,7 +319,7 @@ def test_smtp_refusal_uses_auth_error_code(mailproxy, auth):
 
 def test_smtp_other_methods_keep_535_5_7_0(mailproxy, auth):
     proxy = start(mailproxy, auth, 'smtp', mail='smtp_auth plain xoauth2;')
-    c = client(proxy, b'220 mx.example ESMTP ready\r\n')
+    c = proxy.client(greeting=b'220 mx.example ESMTP ready\r\n')
     c.send(b'AUTH PLAIN ' + b64(b'\0alice@example.com\0wrong') + b'\r\n')
     c.expect(b'535 5.7.0 Invalid login or password\r\n')
 
@@ -353,7 +329,7 @@ def test_imap_refusal_with_auth_wait_then_retry(mailproxy, auth, script):
     dialogue goes on and a second attempt may succeed."""
     be = script(IMAP_IR_GREETING, [b'b OK done\r\n'])
     proxy = start(mailproxy, auth, 'imap', be, mail='imap_auth xoauth2;', wait=1)
-    c = client(proxy, b'* OK IMAP4 ready\r\n')
+    c = proxy.client(greeting=b'* OK IMAP4 ready\r\n')
     began = time.monotonic()
     c.send(b'a AUTHENTICATE XOAUTH2 ' + BAD_XOAUTH2 + b'\r\n')
     c.expect(b'+ ' + XOAUTH2_ERROR + b'\r\n', timeout=5)
@@ -371,7 +347,7 @@ def test_imap_refusal_with_auth_wait_then_retry(mailproxy, auth, script):
 def test_imap_client_cancelling_the_error_challenge(mailproxy, auth):
     """Whatever the client answers (here ``*``), the refusal follows."""
     proxy = start(mailproxy, auth, 'imap', mail='imap_auth xoauth2;')
-    c = client(proxy, b'* OK IMAP4 ready\r\n')
+    c = proxy.client(greeting=b'* OK IMAP4 ready\r\n')
     c.send(b'a AUTHENTICATE XOAUTH2 ' + BAD_XOAUTH2 + b'\r\n')
     c.expect(b'+ ' + XOAUTH2_ERROR + b'\r\n')
     c.send(b'*\r\n')
@@ -381,7 +357,7 @@ def test_imap_client_cancelling_the_error_challenge(mailproxy, auth):
 def test_client_silent_after_error_challenge_times_out(mailproxy, auth):
     proxy = start(mailproxy, auth, 'pop3', mail='pop3_auth xoauth2;',
                   server='timeout 1s;')
-    c = client(proxy, b'+OK POP3 ready\r\n')
+    c = proxy.client(greeting=b'+OK POP3 ready\r\n')
     c.send(b'AUTH XOAUTH2 ' + BAD_XOAUTH2 + b'\r\n')
     c.expect(b'+ ' + XOAUTH2_ERROR + b'\r\n')
     assert c.recv_all_until_close(timeout=5) == b''
@@ -393,7 +369,7 @@ def test_client_silent_after_error_challenge_times_out(mailproxy, auth):
 def test_pop3_xoauth2_replayed(mailproxy, auth, script):
     be = script(b'+OK backend ready\r\n', [b'+OK logged in\r\n'])
     proxy = start(mailproxy, auth, 'pop3', be, mail='pop3_auth xoauth2;')
-    c = client(proxy, b'+OK POP3 ready\r\n')
+    c = proxy.client(greeting=b'+OK POP3 ready\r\n')
     c.send(b'AUTH XOAUTH2\r\n')
     c.expect(b'+ \r\n')
     c.send(XOAUTH2 + b'\r\n')
@@ -411,7 +387,7 @@ def test_pop3_long_token_default_buffer_and_255_octet_rule(mailproxy, auth, scri
     be = script(b'+OK backend ready\r\n', [b'+ \r\n', b'+OK logged in\r\n'])
     proxy = start(mailproxy, auth, 'pop3', be, mail='pop3_auth oauthbearer;')
     auth.users[USER.decode()]['password'] = token.decode()
-    c = client(proxy, b'+OK POP3 ready\r\n')
+    c = proxy.client(greeting=b'+OK POP3 ready\r\n')
     c.send(b'AUTH OAUTHBEARER ' + response + b'\r\n')
     c.expect(b'+OK logged in\r\n')
     assert be.lines == [b'AUTH OAUTHBEARER\r\n', response + b'\r\n']
@@ -420,7 +396,7 @@ def test_pop3_long_token_default_buffer_and_255_octet_rule(mailproxy, auth, scri
 def test_pop3_explicit_buffer_is_kept(mailproxy, auth):
     proxy = start(mailproxy, auth, 'pop3',
                   mail='pop3_auth xoauth2; pop3_client_buffer 128;')
-    c = client(proxy, b'+OK POP3 ready\r\n')
+    c = proxy.client(greeting=b'+OK POP3 ready\r\n')
     c.send(b'AUTH XOAUTH2 ' + b64(b'user=a\x01auth=Bearer %s\x01\x01' % (b'x' * 100))
            + b'\r\n')
     c.expect(b'-ERR invalid command\r\n')
@@ -431,7 +407,7 @@ def test_pop3_user_pass_from_the_answer(mailproxy, auth, script):
     be = script(b'+OK backend ready\r\n', [b'+OK\r\n', b'+OK maildrop ready\r\n'])
     proxy = start(mailproxy, auth, 'pop3', be, mail='pop3_auth oauthbearer;',
                   user='alice', **{'pass': 'secret'})
-    c = client(proxy, b'+OK POP3 ready\r\n')
+    c = proxy.client(greeting=b'+OK POP3 ready\r\n')
     c.send(b'AUTH OAUTHBEARER ' + BEARER + b'\r\n')
     c.expect(b'+OK maildrop ready\r\n')
     assert be.lines == [b'USER alice\r\n', b'PASS secret\r\n']
@@ -441,7 +417,7 @@ def test_pop3_backend_refusing_the_token(mailproxy, auth, script):
     be = script(b'+OK backend ready\r\n', [b'+ ' + BEARER_ERROR + b'\r\n',
                                            b'-ERR [AUTH] Authentication failed.\r\n'])
     proxy = start(mailproxy, auth, 'pop3', be, mail='pop3_auth oauthbearer;')
-    c = client(proxy, b'+OK POP3 ready\r\n')
+    c = proxy.client(greeting=b'+OK POP3 ready\r\n')
     c.send(b'AUTH OAUTHBEARER ' + BEARER + b'\r\n')
     c.expect(b'-ERR internal server error\r\n')
     assert be.lines == [b'AUTH OAUTHBEARER ' + BEARER + b'\r\n', b'AQ==\r\n']
@@ -459,7 +435,7 @@ def test_smtp_replayed_with_proxy_smtp_auth(mailproxy, auth, script, method, res
     be = script(b'220 backend ESMTP\r\n', SMTP_BACKEND)
     proxy = start(mailproxy, auth, 'smtp', be, mail='smtp_auth xoauth2 oauthbearer;',
                   server='xclient off; proxy_smtp_auth on;')
-    c = client(proxy, b'220 mx.example ESMTP ready\r\n')
+    c = proxy.client(greeting=b'220 mx.example ESMTP ready\r\n')
     c.send(b'EHLO client.example\r\n')
     c.read_lines_until(b'250 ')
     c.send(b'AUTH ' + method + b' ' + response + b'\r\n')
@@ -475,7 +451,7 @@ def test_smtp_without_proxy_smtp_auth_names_the_user_in_xclient(mailproxy, auth,
                                                                 script):
     be = script(b'220 backend ESMTP\r\n', [b'250 backend\r\n', b'220 backend\r\n'])
     proxy = start(mailproxy, auth, 'smtp', be, mail='smtp_auth xoauth2;')
-    c = client(proxy, b'220 mx.example ESMTP ready\r\n')
+    c = proxy.client(greeting=b'220 mx.example ESMTP ready\r\n')
     c.send(b'AUTH XOAUTH2 ' + XOAUTH2 + b'\r\n')
     c.expect(b'235 2.0.0 OK\r\n')
     assert be.lines == [b'EHLO mx.example\r\n', b'XCLIENT ADDR=127.0.0.1 '
@@ -487,7 +463,7 @@ def test_smtp_auth_plain_from_the_answer(mailproxy, auth, script):
     proxy = start(mailproxy, auth, 'smtp', be, mail='smtp_auth xoauth2;',
                   server='xclient off; proxy_smtp_auth on;', user='alice',
                   **{'pass': 'secret'})
-    c = client(proxy, b'220 mx.example ESMTP ready\r\n')
+    c = proxy.client(greeting=b'220 mx.example ESMTP ready\r\n')
     c.send(b'AUTH XOAUTH2 ' + XOAUTH2 + b'\r\n')
     c.expect(b'235 2.0.0 OK\r\n')
     assert be.lines == [b'HELO mx.example\r\n',
@@ -500,7 +476,7 @@ def test_smtp_backend_refusing_the_token(mailproxy, auth, script):
         b'535 5.7.8 Username and Password not accepted\r\n'])
     proxy = start(mailproxy, auth, 'smtp', be, mail='smtp_auth xoauth2;',
                   server='xclient off; proxy_smtp_auth on;')
-    c = client(proxy, b'220 mx.example ESMTP ready\r\n')
+    c = proxy.client(greeting=b'220 mx.example ESMTP ready\r\n')
     c.send(b'AUTH XOAUTH2 ' + XOAUTH2 + b'\r\n')
     c.expect(b'451 4.3.2 Internal server error\r\n')
     assert be.lines == [b'HELO mx.example\r\n', b'AUTH XOAUTH2 ' + XOAUTH2 + b'\r\n',

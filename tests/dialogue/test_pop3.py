@@ -1,5 +1,4 @@
 """POP3 client dialogue, byte for byte against pop3.md, with an in-process proxy."""
-import base64
 import hashlib
 import hmac
 import re
@@ -9,8 +8,10 @@ import time
 import gevent
 import pytest
 
+from tests.support.auth import b64
 from tests.support.backends import make_cert
 from tests.support.net import insecure_context
+from tests.support.nginxlog import logged_in, login_failed, too_many_invalid_commands
 
 CONF = '''
 mail {
@@ -48,14 +49,8 @@ def start(mailproxy, directives=''):
     return mailproxy(CONF % directives)
 
 
-def b64(data: bytes) -> bytes:
-    return base64.b64encode(data)
-
-
 def greeted(proxy):
-    c = proxy.client()
-    c.expect(b'+OK POP3 ready\r\n')
-    return c
+    return proxy.client(greeting=b'+OK POP3 ready\r\n')
 
 
 def salted(proxy):
@@ -175,9 +170,7 @@ def test_user_pass_login_and_pump(mailproxy, backend, auth):
     assert c.closed()
     assert backend.received == b'USER alice\r\nPASS secret\r\nSTAT\r\nQUIT\r\n'
     assert auth.requests == [request(b'plain', b'alice', b'secret')]
-    proxy.wait_log(r'(?m)client logged in, client: 127\.0\.0\.1, server: '
-                   r'127\.0\.0\.1:%d, login: "alice", upstream: 127\.0\.0\.1:%d$'
-                   % (proxy.port, backend.port))
+    proxy.wait_log(logged_in('alice', backend.port, proxy.port))
 
 
 def test_pipelined_user_pass_quit_in_order(mailproxy, backend):
@@ -272,9 +265,7 @@ def test_max_errors_counts_every_invalid_command(mailproxy, backend):
     c.send(b'AUTH BAR\r\nNOOP\r\n')
     c.expect(b'-ERR invalid command\r\n')
     assert c.closed()
-    proxy.wait_log(r'(?m)\[info\] \d+#\d+: \*\d+ client sent too many invalid '
-                   r'commands while in auth state, client: 127\.0\.0\.1, '
-                   r'server: 127\.0\.0\.1:\d+$')
+    proxy.wait_log(too_many_invalid_commands())
 
 
 # ------------------------------------------------------------------ the 128-byte buffer
@@ -486,9 +477,7 @@ def test_auth_failed_without_wait_closes(mailproxy, backend, auth):
     c.send(b'USER alice\r\nPASS wrong\r\nQUIT\r\n')
     c.expect(b'+OK\r\n-ERR Invalid login or password\r\n')
     assert c.closed()
-    proxy.wait_log(r'(?m)\[info\] .* client login failed: "Invalid login or password" '
-                   r'while in http auth state, client: 127\.0\.0\.1, '
-                   r'server: 127\.0\.0\.1:\d+, login: "alice"$')
+    proxy.wait_log(login_failed())
 
 
 def test_auth_failed_with_wait_continues_with_pipelined(mailproxy, backend, auth):
@@ -520,9 +509,7 @@ def test_auth_overrides_user_and_password(mailproxy, backend, auth):
     c.send(b'USER alice\r\nPASS secret\r\n')
     c.expect(b'+OK\r\n' + PASS_REPLY)
     assert backend.lines[:2] == [b'USER alice@backend\r\n', b'PASS other pass\r\n']
-    proxy.wait_log('client logged in, client: 127.0.0.1, server: 127.0.0.1:%d, '
-                   'login: "alice@backend", upstream: 127.0.0.1:%d'
-                   % (proxy.port, backend.port))
+    proxy.wait_log(logged_in('alice@backend', backend.port, proxy.port))
 
 
 def test_auth_service_down_is_internal_error(mailproxy, backend, auth):

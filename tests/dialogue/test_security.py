@@ -14,7 +14,6 @@ proxy. Already covered elsewhere and not repeated here:
 * CVE-2025-53859: test_smtp.py::test_failed_auth_credentials_not_reused_by_mail (AUTH
   PLAIN); here every mechanism and an abandoned AUTH LOGIN.
 """
-import base64
 import re
 import socket
 import time
@@ -23,6 +22,7 @@ import gevent
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from tests.support.auth import b64
 from tests.support.certs import PKI
 from tests.support.faults import (FaultAuth, Scripted, answer, backend,  # noqa: F401
                                   no_leaks, scripted)
@@ -48,28 +48,20 @@ INVALID = {'imap': b'BAD invalid command\r\n', 'pop3': b'-ERR invalid command\r\
            'smtp': b'500 5.5.1 Invalid command\r\n'}
 
 
-def b64(data: bytes) -> bytes:
-    return base64.b64encode(data)
-
-
 def conf(proto, directives='', level='info', listen='', server=''):
     return CONF % dict(proto=proto, directives=directives, level=level, listen=listen,
                        server=server)
 
 
 @pytest.fixture
-def backends(fake_backend, auth):
-    made = {p: fake_backend(p) for p in ('imap', 'pop3', 'smtp')}
-    auth.users = {'alice': {'password': 'secret'}}
-    auth.ports = {p: b.port for p, b in made.items()}
+def backends(backends, auth):
+    """The shared backends (conftest.py), with every SMTP relay allowed."""
     auth.relay = lambda req: True
-    return made
+    return backends
 
 
 def greeted(proxy, proto) -> Client:
-    c = proxy.client()
-    c.expect(GREETING[proto])
-    return c
+    return proxy.client(greeting=GREETING[proto])
 
 
 @pytest.fixture(scope='module')

@@ -10,8 +10,9 @@ import time
 import gevent
 import pytest
 
-from tests.support.auth import http_response
+from tests.support.auth import b64, http_response
 from tests.support.net import Client
+from tests.support.nginxlog import logged_in, login_failed, too_many_invalid_commands
 from tests.unit.test_resolver import FakeDNS
 
 CONF = '''
@@ -50,13 +51,7 @@ def start(mailproxy, directives='', server=''):
 
 
 def greeted(proxy, **kw):
-    c = proxy.client(**kw)
-    c.expect(GREETING)
-    return c
-
-
-def b64(data: bytes) -> bytes:
-    return base64.b64encode(data)
+    return proxy.client(greeting=GREETING, **kw)
 
 
 PLAIN = b64(b'\0alice\0secret')
@@ -198,8 +193,7 @@ def test_max_errors_closes_after_reply(mailproxy, backend):
     c.send(b'BAR\r\nNOOP\r\n')
     c.expect(INVALID)
     assert c.closed()
-    proxy.wait_log(r'client sent too many invalid commands while in auth state, '
-                   r'client: 127\.0\.0\.1, server: 127\.0\.0\.1:\d+')
+    proxy.wait_log(too_many_invalid_commands())
 
 
 def test_split_commands(mailproxy, backend):
@@ -292,8 +286,7 @@ def test_auth_plain_initial_response(mailproxy, backend, auth):
     assert wait_backend(backend, 2) == [
         b'EHLO mx.example.com\r\n',
         b'XCLIENT ADDR=127.0.0.1 LOGIN=alice NAME=[UNAVAILABLE]\r\n']
-    proxy.wait_log(r'client logged in, client: 127\.0\.0\.1, server: 127\.0\.0\.1:\d+, '
-                   r'login: "alice", upstream: 127\.0\.0\.1:%d' % backend.port)
+    proxy.wait_log(logged_in('alice', backend.port))
 
 
 def test_auth_plain_challenge(mailproxy, backend, auth):
@@ -376,9 +369,7 @@ def test_auth_failed_without_wait_closes(mailproxy, backend, auth):
     c.send(b'AUTH PLAIN ' + b64(b'\0alice\0wrong') + b'\r\n')
     c.expect(b'535 5.7.0 Invalid login or password\r\n')
     assert c.closed()
-    proxy.wait_log(r'client login failed: "Invalid login or password" while in http '
-                   r'auth state, client: 127\.0\.0\.1, server: 127\.0\.0\.1:\d+, '
-                   r'login: "alice"')
+    proxy.wait_log(login_failed())
 
 
 def test_auth_error_code(mailproxy, backend, auth):

@@ -33,14 +33,6 @@ mail {
 ''' % (cert, key, directives, listen, proto, server_directives)
 
 
-@pytest.fixture
-def backends(fake_backend, auth):
-    made = {p: fake_backend(p) for p in ('imap', 'pop3', 'smtp')}
-    auth.users = {'alice': {'password': 'secret'}}
-    auth.ports = {p: b.port for p, b in made.items()}
-    return made
-
-
 def tls_connect(proxy, ctx, server_hostname='localhost', session=None) -> Client:
     sock = socket.create_connection(('127.0.0.1', proxy.port), timeout=TIMEOUT)
     sock = ctx.wrap_socket(sock, server_hostname=server_hostname, session=session)
@@ -51,8 +43,7 @@ def tls_connect(proxy, ctx, server_hostname='localhost', session=None) -> Client
 
 def test_imap_starttls_capabilities_and_login(mailproxy, backends, auth, pki):
     proxy = mailproxy(conf(pki, 'imap', 'starttls on; imap_id off;'))
-    c = proxy.client()
-    c.expect(b'* OK IMAP4 ready\r\n')
+    c = proxy.client(greeting=b'* OK IMAP4 ready\r\n')
     c.send(b'a1 CAPABILITY\r\n')
     c.expect(b'* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN STARTTLS\r\n'
              b'a1 OK completed\r\n')
@@ -94,8 +85,7 @@ def test_imap_implicit_tls(mailproxy, backends, auth, pki):
 
 def test_imap_starttls_only_refuses_credentials(mailproxy, backends, auth, pki):
     proxy = mailproxy(conf(pki, 'imap', 'starttls only; imap_id off; max_errors 10;'))
-    c = proxy.client()
-    c.expect(b'* OK IMAP4 ready\r\n')
+    c = proxy.client(greeting=b'* OK IMAP4 ready\r\n')
     c.send(b'a1 CAPABILITY\r\n')
     c.expect(b'* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS STARTTLS LOGINDISABLED\r\n'
              b'a1 OK completed\r\n')
@@ -119,8 +109,7 @@ def test_imap_starttls_injection(mailproxy, backends, auth, pki):
     """STARTTLS and a command in one packet: the command is thrown away, never answered
     (neither in plaintext nor inside TLS) and never reaches auth or the backend."""
     proxy = mailproxy(conf(pki, 'imap', 'starttls on; imap_id off;'))
-    c = proxy.client()
-    c.expect(b'* OK IMAP4 ready\r\n')
+    c = proxy.client(greeting=b'* OK IMAP4 ready\r\n')
     c.send(b'a1 STARTTLS\r\na2 LOGIN alice secret\r\n')
     c.expect(b'a1 OK completed\r\n')
     c.starttls(pki.client_context(), server_hostname='localhost')
@@ -134,8 +123,7 @@ def test_imap_starttls_injection(mailproxy, backends, auth, pki):
 def test_imap_starttls_plaintext_after_reply_breaks_handshake(mailproxy, backends, pki):
     """Bytes sent after STARTTLS that the proxy had not read yet go to the TLS layer."""
     proxy = mailproxy(conf(pki, 'imap', 'starttls on;'))
-    c = proxy.client()
-    c.expect(b'* OK IMAP4 ready\r\n')
+    c = proxy.client(greeting=b'* OK IMAP4 ready\r\n')
     c.send(b'a1 STARTTLS\r\n')
     c.expect(b'a1 OK completed\r\n')
     c.send(b'a2 LOGIN alice secret\r\n')
@@ -415,8 +403,7 @@ def talk(c, steps):
 def test_starttls_login(mailproxy, backends, auth, pki, proto):
     p = PROTOCOLS[proto]
     proxy = mailproxy(conf(pki, proto, 'starttls on; %s xclient off;' % SMTP_NAME))
-    c = proxy.client()
-    c.expect(p['greeting'])
+    c = proxy.client(greeting=p['greeting'])
     talk(c, p['hello'] + [p['starttls']])
     c.starttls(pki.client_context(), server_hostname='localhost')
     talk(c, [p['noop']] + p['login'])
@@ -443,8 +430,7 @@ def test_starttls_injection(mailproxy, backends, auth, pki, proto):
     injected = {'imap': b'a2 LOGIN alice secret\r\n', 'pop3': b'USER alice\r\nPASS secret\r\n',
                 'smtp': b'AUTH PLAIN ' + PLAIN_IR + b'\r\n'}[proto]
     proxy = mailproxy(conf(pki, proto, 'starttls on; %s' % SMTP_NAME))
-    c = proxy.client()
-    c.expect(p['greeting'])
+    c = proxy.client(greeting=p['greeting'])
     talk(c, p['hello'])
     c.send(p['starttls'][0] + injected)
     c.expect(p['starttls'][1])
@@ -479,8 +465,7 @@ def test_starttls_only_refuses_credentials(mailproxy, backends, auth, pki, proto
     p, only = PROTOCOLS[proto], STARTTLS_ONLY[proto]
     proxy = mailproxy(conf(pki, proto, 'starttls only; max_errors 20; xclient off; %s'
                            % SMTP_NAME))
-    c = proxy.client()
-    c.expect(p['greeting'])
+    c = proxy.client(greeting=p['greeting'])
     talk(c, [only['capa']])
     for line in only['refused']:
         c.send(line)
@@ -515,8 +500,7 @@ def test_client_certificate_after_starttls(mailproxy, backends, auth, pki, proto
     p = PROTOCOLS[proto]
     proxy = mailproxy(conf(pki, proto, 'starttls on; ssl_verify_client on; '
                            'ssl_client_certificate %s; %s' % (pki.ca_file, SMTP_NAME)))
-    c = proxy.client()
-    c.expect(p['greeting'])
+    c = proxy.client(greeting=p['greeting'])
     talk(c, p['hello'] + [p['starttls']])
     c.starttls(pki.client_context(client='untrusted'), server_hostname='localhost')
     assert c.recv_all_until_close() == p['cert_error']

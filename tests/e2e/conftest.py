@@ -3,32 +3,51 @@
 Every server is stopped (and its folder removed) at teardown, also when the test fails;
 the tail of its log is printed then, so a failing test shows what the server said.
 """
+import functools
+import itertools
+
 import pytest
 
 from tests.support import dump_on_failure
 from tests.support.backends import Dovecot, Haproxy, Nginx, Postfix, make_cert
+from tests.support.net import free_port
 from tests.support.proxyproc import GmailProxy
 
 USERS = {'alice': 'secret', 'bob': 'hunter2'}
 MAILBOXES = ('alice@test.example', 'bob@test.example')
 
 
+def _server_factory(request, start, logs, stop=lambda server: server.stop(remove=False),
+                    remove=True):
+    """Fixture body of a server factory: yields ``start`` with ``register`` bound as its
+    first argument (``register(server)`` -> server, called before the server starts).
+
+    At teardown every registered server is stopped, the tail of each ``logs`` entry
+    (title -> method name) printed if the test failed, then its folder removed.
+    """
+    started = []
+
+    def register(server):
+        started.append(server)
+        return server
+
+    yield functools.partial(start, register)
+    for server in started:
+        stop(server)
+        for title, method in logs.items():
+            dump_on_failure(request, title, getattr(server, method)())
+        if remove:
+            server.remove()
+
+
 @pytest.fixture
 def make_dovecot(request):
     """``make_dovecot(users=..., ssl_cert=..., haproxy=True)`` -> started Dovecot."""
-    started = []
-
-    def make(**kw):
+    def start(register, **kw):
         kw.setdefault('users', USERS)
-        d = Dovecot(**kw)
-        started.append(d)
-        return d.start()
+        return register(Dovecot(**kw)).start()
 
-    yield make
-    for d in started:
-        d.stop(remove=False)
-        dump_on_failure(request, 'dovecot log', d.log_text())
-        d.remove()
+    yield from _server_factory(request, start, {'dovecot log': 'log_text'})
 
 
 @pytest.fixture
@@ -40,19 +59,11 @@ def dovecot(make_dovecot):
 @pytest.fixture
 def make_postfix(request):
     """``make_postfix(mailboxes=..., extra_main_cf=..., ...)`` -> started Postfix."""
-    started = []
-
-    def make(**kw):
+    def start(register, **kw):
         kw.setdefault('mailboxes', MAILBOXES)
-        p = Postfix(**kw)
-        started.append(p)
-        return p.start()
+        return register(Postfix(**kw)).start()
 
-    yield make
-    for p in started:
-        p.stop(remove=False)
-        dump_on_failure(request, 'postfix log', p.log_text())
-        p.remove()
+    yield from _server_factory(request, start, {'postfix log': 'log_text'})
 
 
 @pytest.fixture
@@ -65,53 +76,52 @@ def postfix(make_postfix):
 @pytest.fixture
 def nginx(request):
     """``nginx(mail_conf_text, ports)`` -> started Debian nginx with the mail module."""
-    started = []
+    def start(register, mail_conf, ports=(), **kw):
+        return register(Nginx(mail_conf, **kw)).start(ports)
 
-    def make(mail_conf, ports=(), **kw):
-        n = Nginx(mail_conf, **kw)
-        started.append(n)
-        return n.start(ports)
-
-    yield make
-    for n in started:
-        n.stop(remove=False)
-        dump_on_failure(request, 'nginx error.log', n.error_log_text())
-        n.remove()
+    yield from _server_factory(request, start, {'nginx error.log': 'error_log_text'})
 
 
 @pytest.fixture
 def haproxy(request):
     """``haproxy(config_text, ports)`` -> started haproxy (TCP mode)."""
-    started = []
+    def start(register, config, ports=(), **kw):
+        return register(Haproxy(config, **kw)).start(ports)
 
-    def make(config, ports=(), **kw):
-        h = Haproxy(config, **kw)
-        started.append(h)
-        return h.start(ports)
-
-    yield make
-    for h in started:
-        h.stop(remove=False)
-        dump_on_failure(request, 'haproxy log', h.log_text())
-        h.remove()
+    yield from _server_factory(request, start, {'haproxy log': 'log_text'})
 
 
 @pytest.fixture
 def gmailproxy(request, tmp_path):
     """``gmailproxy(conf_text, ports=[...], args=[...])`` -> started GmailProxy in
     tmp_path (error_log at info level is added; ``log_text()`` reads it)."""
-    started = []
+    count = itertools.count()
 
-    def make(conf_text, ports=(), **kw):
-        g = GmailProxy(conf_text, tmp_path / ('proxy%d' % len(started)), **kw)
-        started.append(g)
-        return g.start(ports)
+    def start(register, conf_text, ports=(), **kw):
+        folder = tmp_path / ('proxy%d' % next(count))
+        return register(GmailProxy(conf_text, folder, **kw)).start(ports)
 
-    yield make
-    for g in started:
-        g.stop()
-        dump_on_failure(request, 'gmailproxy stderr', g.stderr_text())
-        dump_on_failure(request, 'gmailproxy error log', g.log_text())
+    yield from _server_factory(
+        request, start,
+        {'gmailproxy stderr': 'stderr_text', 'gmailproxy error log': 'log_text'},
+        stop=GmailProxy.stop, remove=False)
+
+
+@pytest.fixture
+def proxy_to(gmailproxy, auth):
+    """``proxy_to(conf, proto, backend_port, **values)`` -> a started GmailProxy on a free
+    ``.port``, auth sending ``proto`` logins to ``backend_port``; ``conf`` is filled with
+    ``%(auth)s``, ``%(port)d`` and ``values``. The users alice/secret and bob/hunter2 are
+    set at once, so a test can change them before it starts the proxy."""
+    auth.users = {user: {'password': password} for user, password in USERS.items()}
+
+    def start(conf, proto, backend_port, **values):
+        auth.ports = {proto: backend_port}
+        port = free_port()
+        proxy = gmailproxy(conf % dict(values, auth=auth.url, port=port), ports=[port])
+        proxy.port = port
+        return proxy
+    return start
 
 
 @pytest.fixture(scope='session')

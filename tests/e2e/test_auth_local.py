@@ -6,11 +6,9 @@ sample conf/auth_hook_example.py with the test's users). Last, the README's firs
 as a new user follows it: ``python -m gmailproxy conf/mail.conf`` from the repository,
 a Dovecot on the ports conf/users names, and the documented ``curl`` commands.
 """
-import base64
 import email.message
 import imaplib
 import os
-import poplib
 import re
 import shlex
 import shutil
@@ -26,6 +24,9 @@ import bcrypt
 import pytest
 
 from tests.support.backends import Dovecot, unavailable
+from tests.support.clients import (curl_imap_list_fetch, imap_authenticate_plain_bob,
+                                   imap_wrong_password_refused, pop3, pop3_auth_plain_bob,
+                                   pop3_wrong_password_refused)
 from tests.support.net import free_port, wait_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,20 +124,12 @@ def test_imap_login_select_append_fetch(local_proxy, dovecot):
 def test_imap_authenticate_plain(local_proxy, dovecot):
     proxy = local_proxy('imap', dovecot)
     dovecot.deliver('bob', message(1000, 'hello bob'))
-    with imaplib.IMAP4('127.0.0.1', proxy.port, timeout=10) as imap:
-        typ, _ = imap.authenticate('PLAIN', lambda _: b'\0bob\0hunter2')
-        assert typ == 'OK'
-        assert imap.select('INBOX') == ('OK', [b'1'])
-        typ, data = imap.fetch('1', '(BODY[HEADER.FIELDS (SUBJECT)])')
-        assert data[0][1] == b'Subject: hello bob\r\n\r\n'
+    imap_authenticate_plain_bob(proxy.port)
 
 
 def test_imap_wrong_password_is_refused(local_proxy, dovecot):
     proxy = local_proxy('imap', dovecot)
-    imap = imaplib.IMAP4('127.0.0.1', proxy.port, timeout=10)
-    with pytest.raises(imaplib.IMAP4.error, match='Invalid login or password'):
-        imap.login('alice', 'wrong')
-    imap.shutdown()
+    imap_wrong_password_refused(proxy.port)
     proxy.wait_log('client login failed: "Invalid login or password" while in http auth '
                    'state, client: 127.0.0.1')
 
@@ -145,28 +138,16 @@ def test_imap_wrong_password_is_refused(local_proxy, dovecot):
 def test_curl_login_list_fetch(local_proxy, dovecot):
     proxy = local_proxy('imap', dovecot)
     dovecot.deliver('alice', message(2000, 'for curl'))
-    url = 'imap://127.0.0.1:%d/' % proxy.port
-    out = subprocess.run(['curl', '-sS', '--max-time', '10', '-u', 'alice:secret', url],
-                         capture_output=True, timeout=20)
-    assert out.returncode == 0, out.stderr
-    assert b'INBOX' in out.stdout
-    out = subprocess.run(['curl', '-sS', '--max-time', '10', '-u', 'alice:secret',
-                          url + 'INBOX;UID=1'], capture_output=True, timeout=20)
-    assert out.returncode == 0, out.stderr
-    assert b'Subject: for curl' in out.stdout
+    curl_imap_list_fetch(proxy.port)
 
 
 # --- POP3 ------------------------------------------------------------------------------
-
-def pop3(proxy) -> poplib.POP3:
-    return poplib.POP3('127.0.0.1', proxy.port, timeout=30)
-
 
 def test_pop3_user_pass_list_retr(local_proxy, dovecot):
     proxy = local_proxy('pop3', dovecot, server='pop3_auth plain apop;')
     msg = message(3000, 'hello')
     dovecot.deliver('alice', msg)
-    p = pop3(proxy)
+    p = pop3(proxy.port)
     try:
         assert p.user('alice') == b'+OK'
         assert p.pass_('secret').startswith(b'+OK')
@@ -182,7 +163,7 @@ def test_pop3_user_pass_list_retr(local_proxy, dovecot):
 def test_pop3_apop_with_a_plain_entry(local_proxy, dovecot):
     proxy = local_proxy('pop3', dovecot, server='pop3_auth plain apop;')
     dovecot.deliver('bob', message(500, 'apop'))
-    p = pop3(proxy)
+    p = pop3(proxy.port)
     try:
         assert re.search(rb'<\d+\.\d+@mx\.test\.example>', p.getwelcome())
         assert p.apop('bob', 'hunter2').startswith(b'+OK')
@@ -193,21 +174,12 @@ def test_pop3_apop_with_a_plain_entry(local_proxy, dovecot):
 
 def test_pop3_auth_plain(local_proxy, dovecot):
     proxy = local_proxy('pop3', dovecot)
-    p = pop3(proxy)
-    try:
-        token = base64.b64encode(b'\0bob\0hunter2').decode()
-        assert p._shortcmd('AUTH PLAIN ' + token).startswith(b'+OK')
-        assert p.stat() == (0, 0)
-    finally:
-        p.quit()
+    pop3_auth_plain_bob(proxy.port)
 
 
 def test_pop3_wrong_password_is_refused(local_proxy, dovecot):
     proxy = local_proxy('pop3', dovecot)
-    p = pop3(proxy)
-    p.user('alice')
-    with pytest.raises(poplib.error_proto, match='-ERR Invalid login or password'):
-        p.pass_('wrong')
+    pop3_wrong_password_refused(proxy.port)
 
 
 # --- SMTP ------------------------------------------------------------------------------

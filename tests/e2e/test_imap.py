@@ -2,13 +2,13 @@
 import imaplib
 import os
 import shutil
-import subprocess
 import threading
 import time
 
 import pytest
 
-from tests.support.net import free_port
+from tests.support.clients import (curl_imap_list_fetch, imap_authenticate_plain_bob,
+                                   imap_wrong_password_refused)
 
 CONF = '''
 events { }
@@ -24,13 +24,8 @@ mail {
 
 
 @pytest.fixture
-def imap_proxy(gmailproxy, auth, dovecot):
-    auth.users = {'alice': {'password': 'secret'}, 'bob': {'password': 'hunter2'}}
-    auth.ports = {'imap': dovecot.imap_port}
-    port = free_port()
-    proxy = gmailproxy(CONF % {'auth': auth.url, 'port': port}, ports=[port])
-    proxy.port = port
-    return proxy
+def imap_proxy(proxy_to, dovecot):
+    return proxy_to(CONF, 'imap', dovecot.imap_port)
 
 
 def message(size: int, subject: str = 'big') -> bytes:
@@ -65,20 +60,13 @@ def test_imaplib_login_select_append_fetch_10mb(imap_proxy, dovecot):
 
 def test_imaplib_authenticate_plain(imap_proxy, dovecot, auth):
     dovecot.deliver('bob', message(1000, 'hello bob'))
-    with imaplib.IMAP4('127.0.0.1', imap_proxy.port, timeout=10) as imap:
-        typ, _ = imap.authenticate('PLAIN', lambda _: b'\0bob\0hunter2')
-        assert typ == 'OK'
-        assert imap.select('INBOX') == ('OK', [b'1'])
-        typ, data = imap.fetch('1', '(BODY[HEADER.FIELDS (SUBJECT)])')
-        assert data[0][1] == b'Subject: hello bob\r\n\r\n'
+    imap_authenticate_plain_bob(imap_proxy.port)
     assert b'Auth-Method: plain\r\nAuth-User: bob\r\nAuth-Pass: hunter2\r\n' in auth.requests[0]
 
 
 def test_wrong_password_is_refused(imap_proxy):
-    imap = imaplib.IMAP4('127.0.0.1', imap_proxy.port, timeout=10)
-    with pytest.raises(imaplib.IMAP4.error, match='Invalid login or password'):
-        imap.login('alice', 'wrong')
-    imap.shutdown()       # no Auth-Wait: the proxy closed the connection after the NO
+    # no Auth-Wait: the proxy closes the connection after the NO
+    imap_wrong_password_refused(imap_proxy.port)
 
 
 def test_idle_woken_by_delivery(imap_proxy, dovecot):
@@ -104,16 +92,8 @@ def test_idle_woken_by_delivery(imap_proxy, dovecot):
 @pytest.mark.skipif(shutil.which('curl') is None, reason='curl is not installed')
 def test_curl_login_list_fetch(imap_proxy, dovecot):
     dovecot.deliver('alice', message(2000, 'for curl'))
-    url = 'imap://127.0.0.1:%d/' % imap_proxy.port
-    out = subprocess.run(['curl', '-sS', '--max-time', '10', '-u', 'alice:secret', url],
-                         capture_output=True, timeout=20)
-    assert out.returncode == 0, out.stderr
-    assert b'INBOX' in out.stdout
-    out = subprocess.run(['curl', '-sS', '--max-time', '10', '-u', 'alice:secret',
-                          url + 'INBOX;UID=1'], capture_output=True, timeout=20)
-    assert out.returncode == 0, out.stderr
-    assert b'Subject: for curl' in out.stdout
-    assert out.stdout.endswith(message(2000, 'for curl')[-100:])
+    fetched = curl_imap_list_fetch(imap_proxy.port)
+    assert fetched.endswith(message(2000, 'for curl')[-100:])
 
 
 def test_pipelined_commands_after_login_reach_backend(imap_proxy, dovecot):

@@ -7,13 +7,12 @@ Allowed differences, each deliberate or an nginx version difference:
   it advertises and answers ``ID`` and keeps auth connections alive (HTTP/1.1).
 * DIFFERENT below lists the scripts where the two differ and why.
 """
-import socket
 import time
 
 import pytest
 
 from tests.support.fake_backend import FakeBackend
-from tests.support.net import free_port
+from tests.support.net import exchange, free_port
 
 MAIL = '''
 mail {
@@ -25,6 +24,8 @@ mail {
     server { listen 127.0.0.1:%(port)d; protocol imap; }
 }
 '''
+
+QUIET = 0.3         # seconds of silence that mean "the proxy has answered"
 
 # Each script: the chunks a client sends, one after another.
 SCRIPTS = {
@@ -51,37 +52,6 @@ DIFFERENT = {
 }
 
 
-def exchange(port: int, chunks, quiet: float = 0.3) -> bytes:
-    """Send each chunk after the previous answers have settled; return all received."""
-    sock = socket.create_connection(('127.0.0.1', port), timeout=5)
-    received = b''
-
-    def drain():
-        nonlocal received
-        sock.settimeout(quiet)
-        while True:
-            try:
-                data = sock.recv(65536)
-            except (socket.timeout, ConnectionResetError):
-                return True
-            if not data:
-                return False
-            received += data
-
-    try:
-        drain()
-        for chunk in chunks:
-            try:
-                sock.sendall(chunk)
-            except OSError:
-                break
-            if not drain():
-                break
-    finally:
-        sock.close()
-    return received
-
-
 @pytest.fixture
 def both(nginx, gmailproxy, auth):
     backend = FakeBackend('imap')
@@ -102,7 +72,7 @@ def test_same_as_nginx(both, auth, name):
     for proxy, port in sorted(ports.items()):
         auth.requests.clear()
         backend.received = b''
-        client = exchange(port, SCRIPTS[name])
+        client = exchange(port, SCRIPTS[name], lambda got: QUIET)
         time.sleep(0.05)
         seen[proxy] = (client, list(auth.requests), backend.received)
     if name in DIFFERENT:

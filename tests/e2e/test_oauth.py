@@ -8,17 +8,16 @@ token as the password of a passdb, so a passwd-file where carol's password is he
 stands in for an OAuth introspection server. The SMTP backend is an in-process server
 that accepts only the expected ``AUTH XOAUTH2 <b64>``/``AUTH OAUTHBEARER <b64>``.
 """
-import base64
 import shutil
 import socket
 import subprocess
 
 import gevent
 import pytest
-from gevent.server import StreamServer
 
-from tests.support.auth import RecordingAuthServer, http_response
+from tests.support.auth import RecordingAuthServer, b64, http_response
 from tests.support.backends import Dovecot
+from tests.support.fake_backend import LineServer
 from tests.support.net import Client, free_ports
 from tests.support.proxyproc import GmailProxy
 
@@ -39,45 +38,24 @@ SERVERS = {      # name: (protocol, directives)
 CURL_TIMEOUT = 20
 
 
-def b64(data: bytes) -> bytes:
-    return base64.b64encode(data)
-
-
 CAROL_XOAUTH2 = b64(b'user=carol\x01auth=Bearer ya29.carol-T0ken_e2e\x01\x01')
 CAROL_BEARER = b64(b'n,a=carol,\x01auth=Bearer ya29.carol-T0ken_e2e\x01\x01')
 XOAUTH2_ERROR = b64(b'{"status":"401","schemes":"bearer","scope":"mail"}')
 BEARER_ERROR = b64(b'{"status":"invalid_token","scope":"mail"}')
 
 
-class SmtpBackend:
+class SmtpBackend(LineServer):
     """Accepts carol's token only (else the XOAUTH2 error dialogue and 535), then
     MAIL/RCPT/DATA; keeps the lines and the messages."""
 
     def __init__(self):
-        self.lines: list[bytes] = []
         self.messages: list[bytes] = []
-        self.server = StreamServer(('127.0.0.1', 0), self._handle)
-        self.server.start()
-        self.port = self.server.server_port
+        super().__init__()
 
-    def _handle(self, sock, addr):
-        f = sock.makefile('rb')
-        try:
-            sock.sendall(b'220 backend ESMTP\r\n')
-            while True:
-                line = f.readline(65536)
-                if not line:
-                    return
-                self.lines.append(line)
-                sock.sendall(self._answer(sock, f, line))
-                if line.upper().startswith(b'QUIT'):
-                    return
-        except OSError:
-            return
-        finally:
-            sock.close()
+    def greeting(self) -> bytes:
+        return b'220 backend ESMTP\r\n'
 
-    def _answer(self, sock, f, line: bytes) -> bytes:
+    def answer(self, sock, f, line: bytes) -> bytes | None:
         verb = line[:4].upper()
         if verb in (b'EHLO', b'HELO'):
             return b'250-backend\r\n250 AUTH XOAUTH2 OAUTHBEARER\r\n'
@@ -99,7 +77,8 @@ class SmtpBackend:
             self.messages.append(body)
             return b'250 2.0.0 queued\r\n'
         if verb == b'QUIT':
-            return b'221 2.0.0 bye\r\n'
+            sock.sendall(b'221 2.0.0 bye\r\n')
+            return None                     # ends the connection
         return b'502 5.5.2 unknown\r\n'
 
 

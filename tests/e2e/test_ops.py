@@ -4,6 +4,7 @@ gmailproxy runs as a subprocess (``python -m gmailproxy``); the auth service
 (RecordingAuthServer) and the IMAP backend (FakeBackend) run in this process.
 """
 import base64
+import functools
 import imaplib
 import os
 import re
@@ -15,8 +16,11 @@ from pathlib import Path
 import gevent
 import pytest
 
+from tests.support import procs
+from tests.support.clients import imap_capabilities, imap_login
 from tests.support.fake_backend import FakeBackend
 from tests.support.net import Client, free_port, free_ports, port_open
+from tests.support.procs import alive, children
 from tests.support.proxyproc import run_cli
 
 PASSWORD = 'Pw-5ecret-Zq9'        # grepped for in every log at the end of each test
@@ -36,6 +40,7 @@ mail {
     }
 }
 '''
+WAIT = 5.0                        # seconds a wait or an IMAP login here may take
 STAMP = r'\d{4}/\d\d/\d\d \d\d:\d\d:\d\d'
 
 
@@ -73,52 +78,12 @@ def no_password_in_logs(tmp_path):
                 assert secret not in text, 'password in %s' % path
 
 
-def login(port, user='alice', password=PASSWORD, timeout=5.0) -> imaplib.IMAP4:
-    imap = imaplib.IMAP4('127.0.0.1', port, timeout=timeout)
-    imap.login(user, password)
-    return imap
-
-
-def capabilities(port) -> tuple:
-    with imaplib.IMAP4('127.0.0.1', port, timeout=5) as imap:
-        return imap.capabilities
-
-
-def children(pid: int) -> list[int]:
-    """Live child processes of ``pid`` (from /proc)."""
-    found = []
-    for entry in os.listdir('/proc'):
-        if entry.isdigit():
-            try:
-                stat = Path('/proc/%s/stat' % entry).read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(')') + 2:].split()
-            if fields[0] != 'Z' and int(fields[1]) == pid:
-                found.append(int(entry))
-    return sorted(found)
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path('/proc/%d/stat' % pid).read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(')') + 2] != 'Z'
+login = functools.partial(imap_login, user='alice', password=PASSWORD, timeout=WAIT)
+wait_for = functools.partial(procs.wait_for, timeout=WAIT)
 
 
 def title(pid: int) -> str:
     return Path('/proc/%d/cmdline' % pid).read_bytes().replace(b'\0', b' ').decode().strip()
-
-
-def wait_for(predicate, timeout=5.0, what='condition'):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, 'timed out waiting for %s' % what
-        time.sleep(0.05)
 
 
 def count(text: str, needle: str) -> int:
@@ -137,8 +102,7 @@ def test_master_and_workers_titles_and_pid_file(gmailproxy, users, tmp_path,
     # the sockets are open (and accept) a moment before the pid file is written
     wait_for(lambda: pid_file.exists() and pid_file.read_text(), what='the pid file')
     assert pid_file.read_text() == '%d\n' % proxy.pid
-    workers = wait_for(lambda: len(children(proxy.pid)) == 2 and children(proxy.pid),
-                       what='2 workers')
+    workers = procs.two_workers(proxy.pid, WAIT)
     assert title(proxy.pid).startswith('gmailproxy: master process ')
     assert str(proxy.conf) in title(proxy.pid)
     assert [title(w) for w in workers] == ['gmailproxy: worker process'] * 2
@@ -158,7 +122,7 @@ def test_master_and_workers_titles_and_pid_file(gmailproxy, users, tmp_path,
 def test_worker_killed_is_replaced_and_logged(gmailproxy, users, no_password_in_logs):
     port = free_port()
     proxy = gmailproxy(conf(users, port), ports=[port])
-    workers = wait_for(lambda: len(children(proxy.pid)) == 2 and children(proxy.pid))
+    workers = procs.two_workers(proxy.pid, WAIT)
     os.kill(workers[0], signal.SIGKILL)
     log = proxy.wait_log('worker process %d exited on signal 9' % workers[0])
     assert re.search(r'^%s \[alert\] %d#%d: worker process %d exited on signal 9$'
@@ -176,11 +140,11 @@ def test_worker_killed_is_replaced_and_logged(gmailproxy, users, no_password_in_
 def test_master_killed_leaves_no_worker(gmailproxy, users):
     port = free_port()
     proxy = gmailproxy(conf(users, port), ports=[port])
-    workers = wait_for(lambda: len(children(proxy.pid)) == 2 and children(proxy.pid))
+    workers = procs.two_workers(proxy.pid, WAIT)
     imap = login(port)      # a worker busy with a session dies too
     os.kill(proxy.pid, signal.SIGKILL)
     proxy.wait(5)
-    wait_for(lambda: not any(alive(w) for w in workers), 5, 'the workers to die')
+    wait_for(lambda: not any(alive(w) for w in workers), what='the workers to die')
     assert not port_open('127.0.0.1', port)
     imap.shutdown()
 
@@ -213,7 +177,7 @@ def test_master_process_off_serves_and_reloads(gmailproxy, users, no_password_in
                           mail='imap_capabilities IMAP4rev1 XSINGLE;'))
     proxy.signal(signal.SIGHUP)
     proxy.wait_log('signal 1 (SIGHUP) received, reconfiguring')
-    wait_for(lambda: 'XSINGLE' in capabilities(port), what='the new configuration')
+    wait_for(lambda: 'XSINGLE' in imap_capabilities(port), what='the new configuration')
     with login(port) as imap:
         assert imap.noop()[0] == 'OK'
     assert held.noop()[0] == 'OK'       # the old session goes on
@@ -230,7 +194,7 @@ def test_master_process_off_serves_and_reloads(gmailproxy, users, no_password_in
 def test_quit_graceful_stop_with_open_sessions(gmailproxy, users, no_password_in_logs):
     port = free_port()
     proxy = gmailproxy(conf(users, port), ports=[port])
-    workers = wait_for(lambda: len(children(proxy.pid)) == 2 and children(proxy.pid))
+    workers = procs.two_workers(proxy.pid, WAIT)
     sessions = [login(port) for _ in range(6)]
     proxy.signal(signal.SIGQUIT)
     log = proxy.wait_log('signal 3 (SIGQUIT) received, shutting down')
@@ -272,7 +236,7 @@ def test_quit_closes_sessions_after_worker_shutdown_timeout(gmailproxy, users,
 def test_term_stops_at_once(gmailproxy, users):
     port = free_port()
     proxy = gmailproxy(conf(users, port), ports=[port])
-    workers = wait_for(lambda: len(children(proxy.pid)) == 2 and children(proxy.pid))
+    workers = procs.two_workers(proxy.pid, WAIT)
     imap = login(port)
     started = time.monotonic()
     proxy.signal(signal.SIGTERM)
@@ -337,13 +301,13 @@ def test_watch_reloads_when_an_included_file_changes(gmailproxy, users, tmp_path
     proxy = gmailproxy(conf(users, port, mail='include caps.conf;'), ports=[port],
                        args=['--watch'])
     proxy.wait_log('start worker processes')
-    assert 'XFIRST' in capabilities(port)
+    assert 'XFIRST' in imap_capabilities(port)
     gevent.sleep(0.3)       # the watcher is running (it starts with the master)
     tmp = included.with_suffix('.tmp')
     tmp.write_text('imap_capabilities IMAP4rev1 XSECOND;\n')
     tmp.rename(included)    # as editors save
     proxy.wait_log('configuration file changed, reconfiguring', timeout=10)
-    wait_for(lambda: 'XSECOND' in capabilities(port), what='the new capabilities')
+    wait_for(lambda: 'XSECOND' in imap_capabilities(port), what='the new capabilities')
     proxy.error_log.write_text(proxy.log_text() + 'x\n')   # not a configuration file
     gevent.sleep(0.8)
     assert count(proxy.log_text(), 'reconfiguring') == 1
@@ -547,7 +511,7 @@ def test_user_drops_worker_privileges_after_binding(gmailproxy, users, open_fold
     log_file = open_folder / 'error.log'
     proxy = gmailproxy(conf(users, port, main='user nobody nogroup;\nerror_log %s info;'
                             % log_file), ports=[port], error_log=None)
-    workers = wait_for(lambda: len(children(proxy.pid)) == 2 and children(proxy.pid))
+    workers = procs.two_workers(proxy.pid, WAIT)
     assert uid_of(proxy.pid) == 0
     assert [uid_of(w) for w in workers] == [nobody, nobody]
     with login(port) as imap:       # the log file the master opened is inherited

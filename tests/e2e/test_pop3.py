@@ -1,14 +1,13 @@
 """POP3 end to end: real clients -> gmailproxy (subprocess) -> real Dovecot."""
-import base64
 import hashlib
-import poplib
 import re
 import shutil
 import subprocess
 
 import pytest
 
-from tests.support.net import Client, free_port
+from tests.support.clients import pop3, pop3_auth_plain_bob, pop3_wrong_password_refused
+from tests.support.net import Client
 
 CONF = '''
 events { }
@@ -25,13 +24,8 @@ mail {
 
 
 @pytest.fixture
-def pop3_proxy(gmailproxy, auth, dovecot):
-    auth.users = {'alice': {'password': 'secret'}, 'bob': {'password': 'hunter2'}}
-    auth.ports = {'pop3': dovecot.pop3_port}
-    port = free_port()
-    proxy = gmailproxy(CONF % {'auth': auth.url, 'port': port}, ports=[port])
-    proxy.port = port
-    return proxy
+def pop3_proxy(proxy_to, dovecot):
+    return proxy_to(CONF, 'pop3', dovecot.pop3_port)
 
 
 def message(size: int, subject: str) -> bytes:
@@ -44,10 +38,6 @@ def message(size: int, subject: str) -> bytes:
     block = line * 9 + dotted
     body = (block * (size // len(block) + 1))[:size]
     return head + body[:body.rindex(b'\r\n')] + b'\r\n'
-
-
-def pop3(proxy) -> poplib.POP3:
-    return poplib.POP3('127.0.0.1', proxy.port, timeout=30)
 
 
 def retrieved(lines) -> bytes:
@@ -63,7 +53,7 @@ def stored(dovecot, user: str) -> list:
 def test_poplib_user_pass_list_retr(pop3_proxy, dovecot, auth):
     msg = message(3000, 'hello')
     dovecot.deliver('alice', msg)
-    p = pop3(pop3_proxy)
+    p = pop3(pop3_proxy.port)
     try:
         assert p.getwelcome().startswith(b'+OK POP3 ready <')
         assert p.user('alice') == b'+OK'
@@ -86,7 +76,7 @@ def test_poplib_user_pass_list_retr(pop3_proxy, dovecot, auth):
 
 def test_poplib_apop(pop3_proxy, dovecot, auth):
     dovecot.deliver('bob', message(500, 'apop'))
-    p = pop3(pop3_proxy)
+    p = pop3(pop3_proxy.port)
     try:
         salt = re.search(rb'<\d+\.\d+@mx\.test\.example>', p.getwelcome()).group()
         assert p.apop('bob', 'hunter2').startswith(b'+OK')
@@ -102,23 +92,13 @@ def test_poplib_apop(pop3_proxy, dovecot, auth):
 
 
 def test_poplib_auth_plain(pop3_proxy, dovecot, auth):
-    p = pop3(pop3_proxy)
-    try:
-        token = base64.b64encode(b'\0bob\0hunter2').decode()
-        assert p._shortcmd('AUTH PLAIN ' + token).startswith(b'+OK')
-        assert p.stat() == (0, 0)
-    finally:
-        p.quit()
+    pop3_auth_plain_bob(pop3_proxy.port)
     assert b'Auth-Method: plain\r\nAuth-User: bob\r\nAuth-Pass: hunter2\r\n' in \
         auth.requests[0]
 
 
 def test_wrong_password_is_refused(pop3_proxy, auth):
-    p = pop3(pop3_proxy)
-    p.user('alice')
-    with pytest.raises(poplib.error_proto, match='-ERR Invalid login or password'):
-        p.pass_('wrong')
-    p.close()
+    pop3_wrong_password_refused(pop3_proxy.port).close()
 
 
 def test_10mb_message_byte_identical(pop3_proxy, dovecot):
@@ -142,14 +122,14 @@ def test_dele_quit_deletes_in_dovecot(pop3_proxy, dovecot):
     dovecot.deliver('bob', first)
     dovecot.deliver('bob', second)
     assert len(stored(dovecot, 'bob')) == 2
-    p = pop3(pop3_proxy)
+    p = pop3(pop3_proxy.port)
     p.user('bob')
     p.pass_('hunter2')
     assert p.stat() == (2, len(first) + len(second))
     assert p.dele(1).startswith(b'+OK')
     assert p.quit().startswith(b'+OK')
     assert len(stored(dovecot, 'bob')) == 1
-    p = pop3(pop3_proxy)
+    p = pop3(pop3_proxy.port)
     p.user('bob')
     p.pass_('hunter2')
     assert p.stat() == (1, len(second))

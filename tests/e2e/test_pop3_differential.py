@@ -12,7 +12,6 @@ Allowed differences:
 * DIFFERENT lists the scripts where Debian's nginx 1.22 and the spec (nginx 1.31) or a
   deliberate gmailproxy choice differ, with both expected results spelled out.
 """
-import base64
 import hashlib
 import hmac
 import re
@@ -22,7 +21,7 @@ import time
 import gevent
 import pytest
 
-from tests.support.auth import RecordingAuthServer
+from tests.support.auth import RecordingAuthServer, b64
 from tests.support.backends import Nginx
 from tests.support.fake_backend import FakeBackend
 from tests.support.net import free_ports
@@ -51,10 +50,6 @@ mail {
 SALT = re.compile(rb'<\d+\.\d+@mx\.example>')
 PASS_REPLY = b'+OK maildrop locked and ready\r\n'
 LOCKED_REPLY = b'-ERR [IN-USE] locked by another session\r\n'
-
-
-def b64(data: bytes) -> bytes:
-    return base64.b64encode(data)
 
 
 def apop(salt: bytes) -> list:

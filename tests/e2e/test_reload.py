@@ -3,21 +3,22 @@
 gmailproxy (2 workers) runs as a subprocess; the IMAP clients, the auth service and the
 backend run as greenlets in this process.
 """
+import functools
 import imaplib
-import os
 import re
 import signal
 import socket
 import time
-from pathlib import Path
 
 import gevent
 import gevent.event
 import gevent.pool
 import pytest
 
+from tests.support.clients import imap_capabilities, imap_login
 from tests.support.fake_backend import FakeBackend
 from tests.support.net import free_ports, port_open
+from tests.support.procs import children, two_workers, wait_for
 
 PASSWORD = 'Rl-pa55-Vq2'
 HELD = 200                  # sessions open across the reload
@@ -59,50 +60,11 @@ def users(auth, backend):
     return auth
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir('/proc'):
-        if entry.isdigit():
-            try:
-                stat = Path('/proc/%s/stat' % entry).read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(')') + 2:].split()
-            if fields[0] != 'Z' and int(fields[1]) == pid:
-                found.append(int(entry))
-    return sorted(found)
-
-
-def wait_for(predicate, timeout=10.0, what='condition'):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, 'timed out waiting for %s' % what
-        time.sleep(0.05)
-
-
-def workers_of(proxy):
-    return wait_for(lambda: len(children(proxy.pid)) == 2 and children(proxy.pid),
-                    what='2 workers')
-
-
-def login(port, user, timeout=10.0) -> imaplib.IMAP4:
-    imap = imaplib.IMAP4('127.0.0.1', port, timeout=timeout)
-    imap.login(user, PASSWORD)
-    return imap
-
-
-def marks(port) -> tuple:
-    with imaplib.IMAP4('127.0.0.1', port, timeout=5) as imap:
-        return imap.capabilities
-
-
+login = functools.partial(imap_login, password=PASSWORD)
 def test_reload_under_load_drops_nobody(gmailproxy, users):
     port, port2 = free_ports(2)
     proxy = gmailproxy(conf(users, port, 'XGEN1'), ports=[port])
-    old_workers = workers_of(proxy)
+    old_workers = two_workers(proxy.pid)
 
     held = [None] * HELD
 
@@ -175,7 +137,7 @@ def test_reload_under_load_drops_nobody(gmailproxy, users):
 def test_reload_with_broken_file_keeps_old_configuration(gmailproxy, users):
     port, port2 = free_ports(2)
     proxy = gmailproxy(conf(users, port, 'XGEN1'), ports=[port])
-    workers = workers_of(proxy)
+    workers = two_workers(proxy.pid)
 
     # a syntax error: logged with file:line, nothing changes
     text = conf(users, port, 'XGEN2').replace('    timeout 10s;', '    timeout 10s;\n'
@@ -188,7 +150,7 @@ def test_reload_with_broken_file_keeps_old_configuration(gmailproxy, users):
                      r'"bogus_directive" in %s:%d$' % (proxy.pid, proxy.pid,
                                                        re.escape(str(proxy.conf)), line),
                      log, re.M), log
-    assert 'XGEN1' in marks(port)
+    assert 'XGEN1' in imap_capabilities(port)
     login(port, 'u1').logout()
 
     # a new address that cannot be bound: logged, nothing changes either
@@ -204,14 +166,14 @@ def test_reload_with_broken_file_keeps_old_configuration(gmailproxy, users):
     busy.close()
     gevent.sleep(0.3)
     assert children(proxy.pid) == workers
-    assert 'XGEN1' in marks(port)
+    assert 'XGEN1' in imap_capabilities(port)
     assert 'start worker processes' not in log[start:]
 
     # fixed: the reload goes through
     start = len(proxy.log_text())
     proxy.signal(signal.SIGHUP)
     proxy.wait_log('start worker processes', start=start)
-    wait_for(lambda: 'XGEN2' in marks(port), what='the new configuration')
+    wait_for(lambda: 'XGEN2' in imap_capabilities(port), what='the new configuration')
     login(port2, 'u2').logout()
     for w in workers:
         proxy.wait_log('worker process %d exited with code 0' % w)
@@ -221,10 +183,10 @@ def test_reload_closes_removed_addresses(gmailproxy, users):
     port, port2 = free_ports(2)
     proxy = gmailproxy(conf(users, port, 'XGEN1', second_server(port2)),
                        ports=[port, port2])
-    workers = workers_of(proxy)
+    workers = two_workers(proxy.pid)
     proxy.write_conf(conf(users, port, 'XGEN2'))
     proxy.signal(signal.SIGHUP)
     for w in workers:
         proxy.wait_log('worker process %d exited with code 0' % w)
     assert not port_open('127.0.0.1', port2)
-    assert 'XGEN2' in marks(port)
+    assert 'XGEN2' in imap_capabilities(port)

@@ -15,7 +15,6 @@ import subprocess
 import pytest
 
 from tests.support.auth import http_response
-from tests.support.net import free_port
 from tests.unit.test_resolver import FakeDNS
 
 CONF = '''
@@ -41,17 +40,10 @@ def postfix(make_postfix):
 
 
 @pytest.fixture
-def smtp_proxy(gmailproxy, auth, postfix):
+def smtp_proxy(proxy_to, postfix):
     """``smtp_proxy(extra_directives)`` -> the started proxy (``.port``)."""
-    auth.users = {'alice': {'password': 'secret'}, 'bob': {'password': 'hunter2'}}
-    auth.ports = {'smtp': postfix.port}
-
     def make(extra=''):
-        port = free_port()
-        proxy = gmailproxy(CONF % {'auth': auth.url, 'port': port, 'extra': extra},
-                           ports=[port])
-        proxy.port = port
-        return proxy
+        return proxy_to(CONF, 'smtp', postfix.port, extra=extra)
     return make
 
 

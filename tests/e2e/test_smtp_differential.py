@@ -9,19 +9,17 @@ Allowed differences:
 * DIFFERENT lists the scripts where the two differ, why, and the exact bytes; apart
   from those bytes the two must still be identical.
 """
-import base64
 import re
-import socket
 import time
 from dataclasses import dataclass, field
 
 import gevent
 import pytest
 
-from tests.support.auth import RecordingAuthServer, http_response
+from tests.support.auth import RecordingAuthServer, b64, http_response
 from tests.support.backends import Nginx
 from tests.support.fake_backend import FakeBackend
-from tests.support.net import free_ports
+from tests.support.net import exchange, free_ports
 from tests.support.proxyproc import GmailProxy
 
 SERVERS = {
@@ -49,10 +47,6 @@ mail {
 SERVER = '    server { listen 127.0.0.1:%d; protocol smtp; %s }\n'
 SETTLE = 0.05
 _FINAL = re.compile(rb'(?:^|\n)\d{3}(?: [^\n]*)?\r?\n\Z')
-
-
-def b64(data: bytes) -> bytes:
-    return base64.b64encode(data)
 
 
 def auth_plain(login: bytes, password: bytes) -> bytes:
@@ -223,44 +217,6 @@ DIFFERENT = {
 PENDING = set()
 
 
-def exchange(port: int, script: Script) -> bytes:
-    """Send each chunk once the previous answers have settled; return all received.
-
-    "Settled": a final reply line (``NNN text``) ended the input and nothing more came
-    for SETTLE seconds, or nothing came for ``script.quiet`` seconds."""
-    sock = socket.create_connection(('127.0.0.1', port), timeout=5)
-    received = b''
-
-    def drain():
-        nonlocal received
-        got = b''
-        while True:
-            complete = _FINAL.search(got) is not None
-            sock.settimeout(SETTLE if complete else script.quiet)
-            try:
-                data = sock.recv(65536)
-            except (socket.timeout, ConnectionResetError):
-                return True
-            if not data:
-                return False
-            got += data
-            received += data
-
-    try:
-        if not script.early:
-            drain()
-        for chunk in script.chunks:
-            try:
-                sock.sendall(chunk)
-            except OSError:
-                break
-            if not drain():
-                break
-    finally:
-        sock.close()
-    return received
-
-
 def refuse(req):
     """The auth service's verdicts on recipients (smtp_auth none) named bad*."""
     to = req.get('Auth-SMTP-To') or ''
@@ -314,7 +270,10 @@ def run(side, script):
     auth.requests.clear()
     backend.received = b''
     backend.replies = dict(script.replies)
-    client = exchange(ports[script.server], script)
+    # settled: a final reply line (``NNN text``) and SETTLE seconds more, or script.quiet
+    client = exchange(ports[script.server], script.chunks,
+                      lambda got: SETTLE if _FINAL.search(got) else script.quiet,
+                      greeting=not script.early)
     time.sleep(0.05)
     return client, b''.join(auth.requests), backend.received
 

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from tests.support import dump_on_failure
 from tests.support.fake_backend import FakeBackend
 from tests.support.net import free_port, port_open
+from tests.support.procs import alive, children, procs, two_workers, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = 'Sv-pa55-Jw4'
@@ -62,43 +62,10 @@ stdout_logfile=%(dir)s/console.log
 '''
 
 
-def procs() -> dict[int, tuple]:
-    """pid -> (state, ppid, pgrp) of every process."""
-    found = {}
-    for entry in os.listdir('/proc'):
-        if entry.isdigit():
-            try:
-                stat = Path('/proc/%s/stat' % entry).read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(')') + 2:].split()
-            found[int(entry)] = (fields[0], int(fields[1]), int(fields[2]))
-    return found
-
-
-def children(pid: int) -> list[int]:
-    return sorted(p for p, (state, ppid, _) in procs().items() if ppid == pid and state != 'Z')
-
-
 def group(pgrp: int) -> list[int]:
     """Live processes of process group ``pgrp`` (supervisor starts each program in a
     group of its own, named after the master's pid)."""
     return sorted(p for p, (state, _, g) in procs().items() if g == pgrp and state != 'Z')
-
-
-def alive(pid: int) -> bool:
-    info = procs().get(pid)
-    return info is not None and info[0] != 'Z'
-
-
-def wait_for(predicate, timeout=10.0, what='condition'):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, 'timed out waiting for %s' % what
-        time.sleep(0.05)
 
 
 class Supervisor:
@@ -174,8 +141,7 @@ def supervised(request, tmp_path, auth):
 def running(sup) -> tuple[int, list[int]]:
     """The master's pid and its two workers, once serving."""
     master = sup.master()
-    workers = wait_for(lambda: len(children(master)) == 2 and children(master),
-                       what='2 workers')
+    workers = two_workers(master)
     wait_for(lambda: port_open('127.0.0.1', sup.port), what='the port')
     with imaplib.IMAP4('127.0.0.1', sup.port, timeout=5) as imap:
         imap.login('alice', PASSWORD)

@@ -13,6 +13,7 @@ HTTP/1.1 requests without ``Connection: close`` are kept alive and answered with
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import socket
@@ -66,6 +67,11 @@ class Request:
 
     def __repr__(self) -> str:
         return 'Request(%r)' % self.raw
+
+
+def b64(data: bytes) -> bytes:
+    """Base64 as SASL clients send it."""
+    return base64.b64encode(data)
 
 
 def cram_md5_digest(password: str, salt: str) -> str:

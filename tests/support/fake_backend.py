@@ -1,21 +1,16 @@
 """A scripted IMAP/POP3/SMTP backend (gevent) that records every line it receives."""
-import re
-
 from gevent.server import StreamServer
 
 
-class FakeBackend:
-    """A scripted backend: ``lines`` records every line received (all connections).
+class LineServer:
+    """A gevent server on a free 127.0.0.1 ``port``: it greets each client with
+    ``greeting()``, then sends ``answer(sock, f, line)`` for every line it reads (kept in
+    ``lines``); an answer of None ends the connection."""
 
-    The default scripts accept any login; ``replies`` maps an upper-cased command word (or
-    ``'greeting'``) to the reply bytes to use instead (``{tag}`` is replaced by the tag).
-    """
+    line_limit = 65536      # the longest line read at once (-1: no limit)
 
-    def __init__(self, proto: str, replies: dict | None = None):
-        self.proto = proto
-        self.replies = dict(replies or {})
+    def __init__(self):
         self.lines: list[bytes] = []
-        self.received = b''
         self.connections = 0
         self.server = StreamServer(('127.0.0.1', 0), self._handle)
         self.server.start()
@@ -24,21 +19,30 @@ class FakeBackend:
     def stop(self) -> None:
         self.server.stop(timeout=1)
 
-    def _reply(self, key: str, default: bytes, tag: bytes = b'') -> bytes:
-        return self.replies.get(key, default).replace(b'{tag}', tag)
+    def greeting(self) -> bytes:
+        raise NotImplementedError
+
+    def answer(self, sock, f, line: bytes) -> bytes | None:
+        raise NotImplementedError
+
+    def read(self, f) -> bytes | None:
+        """The next line (recorded), or None at EOF."""
+        line = f.readline(self.line_limit)
+        if not line:
+            return None
+        self.lines.append(line)
+        return line
 
     def _handle(self, sock, addr):
         self.connections += 1
         f = sock.makefile('rb')
-        greeting = {'imap': b'* OK backend ready\r\n', 'pop3': b'+OK backend ready\r\n',
-                    'smtp': b'220 backend ESMTP\r\n'}[self.proto]
         try:
-            sock.sendall(self._reply('greeting', greeting))
+            sock.sendall(self.greeting())
             while True:
-                line = self._read(f)
+                line = self.read(f)
                 if line is None:
                     return
-                answer = getattr(self, '_' + self.proto)(sock, f, line)
+                answer = self.answer(sock, f, line)
                 if answer is None:
                     return
                 sock.sendall(answer)
@@ -47,12 +51,37 @@ class FakeBackend:
         finally:
             sock.close()
 
-    def _read(self, f):
-        line = f.readline()
-        if not line:
-            return None
-        self.lines.append(line)
-        self.received += line
+
+class FakeBackend(LineServer):
+    """A scripted backend: ``lines`` records every line received (all connections).
+
+    The default scripts accept any login; ``replies`` maps an upper-cased command word (or
+    ``'greeting'``) to the reply bytes to use instead (``{tag}`` is replaced by the tag).
+    """
+
+    line_limit = -1
+
+    def __init__(self, proto: str, replies: dict | None = None):
+        self.proto = proto
+        self.replies = dict(replies or {})
+        self.received = b''
+        super().__init__()
+
+    def _reply(self, key: str, default: bytes, tag: bytes = b'') -> bytes:
+        return self.replies.get(key, default).replace(b'{tag}', tag)
+
+    def greeting(self) -> bytes:
+        return self._reply('greeting', {'imap': b'* OK backend ready\r\n',
+                                        'pop3': b'+OK backend ready\r\n',
+                                        'smtp': b'220 backend ESMTP\r\n'}[self.proto])
+
+    def answer(self, sock, f, line: bytes) -> bytes | None:
+        return getattr(self, '_' + self.proto)(sock, f, line)
+
+    def read(self, f) -> bytes | None:
+        line = super().read(f)
+        if line is not None:
+            self.received += line
         return line
 
     def _imap(self, sock, f, line):
@@ -61,7 +90,7 @@ class FakeBackend:
         if word == 'LOGIN' and line.endswith(b'}\r\n'):
             for _ in range(2):            # "+" for the login literal, then the password's
                 sock.sendall(self._reply('LOGIN+', b'+ OK\r\n'))
-                if self._read(f) is None:
+                if self.read(f) is None:
                     return None
             return self._reply('LOGIN', b'{tag} OK logged in\r\n', tag)
         if word == 'LOGOUT':
@@ -81,7 +110,7 @@ class FakeBackend:
         if word == 'DATA':
             sock.sendall(self._reply('DATA', b'354 go ahead\r\n'))
             while True:
-                data = self._read(f)
+                data = self.read(f)
                 if data is None:
                     return None
                 if data == b'.\r\n':

@@ -226,3 +226,44 @@ def tls_client(host: str, port: int, timeout: float = DEFAULT_TIMEOUT,
     sock = (context or insecure_context()).wrap_socket(
         sock, server_hostname=server_hostname)
     return Client(host, port, timeout=timeout, sock=sock)
+
+
+def exchange(port: int, chunks, quiet, greeting: bool = True) -> bytes:
+    """Send each chunk once the answer to the previous one has settled; return all bytes
+    received (differential tests: the same script against two proxies).
+
+    ``quiet(got)``: the seconds without a byte after which an answer whose bytes so far
+    are ``got`` has settled. With ``greeting``, the server's greeting settles first.
+    Sending stops once the peer closes.
+    """
+    sock = socket.create_connection(('127.0.0.1', port), timeout=DEFAULT_TIMEOUT)
+    received = b''
+
+    def drain() -> bool:
+        """Read one answer; False if the peer closed."""
+        nonlocal received
+        got = b''
+        while True:
+            sock.settimeout(quiet(got))
+            try:
+                data = sock.recv(65536)
+            except (socket.timeout, ConnectionResetError):
+                return True
+            if not data:
+                return False
+            got += data
+            received += data
+
+    try:
+        if greeting:
+            drain()
+        for chunk in chunks:
+            try:
+                sock.sendall(chunk)
+            except OSError:
+                break
+            if not drain():
+                break
+    finally:
+        sock.close()
+    return received

@@ -16,10 +16,6 @@ from gmailproxy.errors import BadCommand, ConfigError
 TOKEN = b'ya29.A0ARrdaM-t0ken_x'
 
 
-def b64(data: bytes) -> bytes:
-    return base64.b64encode(data)
-
-
 def write(folder: Path, text: str) -> str:
     path = folder / 'mail.conf'
     path.write_text(text)
