@@ -4,7 +4,6 @@ Every reply string of smtp.md is spelled out here; the backend is the scripted
 FakeBackend (it records every line), the auth service the RecordingAuthServer.
 """
 import base64
-import socket
 import time
 
 import gevent
