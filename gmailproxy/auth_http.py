@@ -12,9 +12,8 @@ import dns.rdatatype
 import gevent
 import httptools
 
-from . import errors, realip, resolver
+from . import errors, log, realip, resolver
 from . import ssl as tls
-from . import log
 from .config import values
 from .config.directives import D, MAIL_SERVER
 from .stream import connect_socket, os_error_text, send_all

@@ -102,7 +102,7 @@ def send_all(sock, data: bytes) -> None:
 
 
 def connect_socket(sock, sockaddr) -> None:
-    """``sock.connect(sockaddr)`` for a numeric address, under the caller's Timeout: one
+    """``sock.connect(sockaddr)`` for a resolved address, under the caller's Timeout: one
     connect() on the non-blocking socket underneath, a wait on the gevent socket's own
     write watcher, SO_ERROR. (gevent's ``connect`` adds a SO_ERROR query before and a
     second connect() after; ``wait_write`` would make a new watcher: a syscall.)"""

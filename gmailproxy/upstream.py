@@ -6,8 +6,7 @@ deadline, armed once, as nginx does.
 import logging
 import socket
 
-from . import backend_tls, errors, failover, realip
-from . import log
+from . import backend_tls, errors, failover, log, realip
 from .config import values
 from .config.directives import D, MAIL_SERVER
 from .log import printable
